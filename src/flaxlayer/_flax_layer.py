@@ -1,0 +1,76 @@
+"""FlaxLayer: JaxLayer with an adapter for the Flax module it wraps."""
+
+from typing import Any
+
+import flax.linen as nn
+import keras
+
+from flaxlayer._jax_layer import JaxLayer
+from flaxlayer._linen import LinenAdapter
+
+
+@keras.saving.register_keras_serializable(package="flaxlayer")
+class FlaxLayer(JaxLayer):
+    """Keras layer that wraps a Flax module.
+
+    The module's `method` (default `__call__`) must take `inputs` (an array or a pytree of
+    arrays) and may take `training` (True in `fit`, False in `predict`, `evaluate` and plain
+    calls). `method` may also be a method name, a bound method of the module, or a function
+    whose first argument is `module`.
+
+    The "params" collection becomes trainable Keras variables; every other collection the module
+    creates at init (batch_stats, counters, caches) becomes non-trainable variables, updated after
+    each call (the module is applied with every collection but "params" mutable). Collections a
+    call only sows into ("intermediates", ...) are discarded, except "losses", whose values are
+    added to the model's loss. Every rng stream the module asks for gets a fresh key per call.
+
+    Variables are named `<layer>/<collection>/<flax path>`, e.g.
+    `flax_layer/params/Dense_0/kernel`.
+
+    Args:
+        module: A `flax.linen.Module` instance.
+        method: The method to call; see above.
+        variables: The variables dict `module.init` returns (e.g. trained ones), used instead of
+            initializing at build time. Checked against what the module creates.
+        **kwargs: Keras layer arguments (`name`, `dtype`, `trainable`, ...) and `seed`.
+
+    Example:
+
+    >>> import flax.linen as nn, jax.numpy as jnp
+    >>> layer = FlaxLayer(nn.Dense(3))
+    >>> layer(jnp.ones((2, 4))).shape
+    (2, 3)
+    >>> layer.params["params"]["kernel"].path
+    'flax_layer/params/kernel'
+    >>> out = nn.Dense(3).apply(layer.flax_variables, jnp.ones((2, 4)))  # back to pure Flax
+    """
+
+    def __init__(self, module: Any, method: Any = None, variables: Any = None, **kwargs):
+        seed = kwargs.pop("seed", None)
+        # FlaxLayer has no call_fn/init_fn of its own: it skips JaxLayer.__init__ and gives the
+        # engine an adapter for the module instead.
+        keras.layers.Layer.__init__(self, **kwargs)
+        self.module, self.method = module, method
+        self.call_fn = self.init_fn = None
+        self._setup(_adapter_for(module, method, self._owner_name()), variables, seed, kwargs)
+
+    @property
+    def flax_variables(self) -> dict:
+        """The current values in the format `module.init` returns.
+
+        `module.apply(layer.flax_variables, x)` gives what the layer gives: train in Keras,
+        deploy in pure Flax.
+        """
+        self._check_built("flax_variables")
+        params, state = self._values()
+        return self._core.adapter.export({**params, **state})
+
+
+def _adapter_for(module: Any, method: Any, owner: str):
+    if isinstance(module, nn.Module):
+        return LinenAdapter(module, method, owner=owner)
+    raise TypeError(
+        f"{owner}: `module` must be a flax.linen.Module instance; got "
+        f"{type(module).__module__}.{type(module).__qualname__}. For a plain JAX function or "
+        "a Haiku transform, use flaxlayer.JaxLayer(call_fn, init_fn)."
+    )

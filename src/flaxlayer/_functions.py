@@ -1,0 +1,116 @@
+"""Adapter for JaxLayer: user-written `call_fn` / `init_fn` (plain JAX, Haiku, ...)."""
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from flaxlayer._adapter import SPEC_KEY, Adapter, raise_mismatches, shape_mismatches
+from flaxlayer._signature import check_arguments, describe
+
+CALL_ARGUMENTS = ("params", "state", "rng", "inputs", "training")
+INIT_ARGUMENTS = ("rng", "inputs", "training")
+
+
+class FunctionAdapter(Adapter):
+    params_prefix = ("params",)
+    state_prefix = ("state",)
+
+    def __init__(
+        self,
+        call_fn: Callable,
+        init_fn: Callable | None,
+        *,
+        has_params: bool,
+        has_state: bool,
+        owner: str,
+    ):
+        super().__init__(owner)
+        if not callable(call_fn):
+            raise TypeError(f"{owner}: call_fn must be callable; got {call_fn!r}.")
+        if init_fn is not None and not callable(init_fn):
+            raise TypeError(f"{owner}: init_fn must be callable or None; got {init_fn!r}.")
+        self.call_fn, self.init_fn = call_fn, init_fn
+        self.call_args = check_arguments(
+            call_fn, owner=owner, role="call_fn", allowed=CALL_ARGUMENTS
+        )
+        self.init_args = (
+            check_arguments(init_fn, owner=owner, role="init_fn", allowed=INIT_ARGUMENTS)
+            if init_fn is not None
+            else ()
+        )
+        self.uses_state = "state" in self.call_args
+        for name, given in (("params", has_params), ("state", has_state)):
+            if name in self.call_args and init_fn is None and not given:
+                raise ValueError(
+                    f"{owner}: call_fn {describe(call_fn)!r} takes `{name}`, but neither "
+                    f"`init_fn` nor `{name}=` was given, so there is nothing to start from. "
+                    f"Pass an init_fn that creates them, or initial values with `{name}=`."
+                )
+        uses_rng = "rng" in self.call_args
+        self.needs_rng = {False: uses_rng, True: uses_rng}
+
+    def _init_call(self, rng, inputs):
+        values = {"rng": rng, "inputs": inputs, "training": False}
+        result = self.init_fn(*(values[name] for name in self.init_args))
+        if not self.uses_state:
+            return result, {}
+        if not (isinstance(result, tuple) and len(result) == 2):
+            raise ValueError(
+                f"{self.owner}: call_fn takes `state`, so init_fn {describe(self.init_fn)!r} must "
+                f"return a tuple (params, state); it returned {type(result).__name__}."
+            )
+        return result
+
+    def plan(self, inputs):
+        if self.init_fn is None:
+            return None
+        return jax.eval_shape(self._init_call, SPEC_KEY, inputs)
+
+    def init(self, rng, inputs):
+        return self._init_call(rng, inputs)
+
+    def given(self, initial, expected):
+        params, state = initial
+        params = {} if params is None else params
+        state = {} if state is None else state
+        if expected is not None:
+            fix = (
+                "Pass values created by init_fn for inputs of this shape, or leave them "
+                "unset to initialize at build time."
+            )
+            if "params" in self.call_args:
+                raise_mismatches(
+                    self.owner,
+                    "params",
+                    shape_mismatches(expected[0], params, prefix=("params",)),
+                    fix,
+                )
+            if self.uses_state:
+                raise_mismatches(
+                    self.owner,
+                    "state",
+                    shape_mismatches(expected[1], state, prefix=("state",)),
+                    fix,
+                )
+        return params, state
+
+    def apply(self, params, state, rng, inputs, training):
+        values = {
+            "params": params,
+            "state": state,
+            "rng": rng,
+            "inputs": inputs,
+            "training": training,
+        }
+        result = self.call_fn(*(values[name] for name in self.call_args))
+        if not self.uses_state:
+            return result, state, jnp.zeros((), jnp.float32)
+        if not (isinstance(result, tuple) and len(result) == 2):
+            raise ValueError(
+                f"{self.owner}: call_fn {describe(self.call_fn)!r} takes `state`, so it must "
+                f"return a tuple (outputs, new_state); it returned {type(result).__name__}."
+            )
+        outputs, new_state = result
+        return outputs, new_state, jnp.zeros((), jnp.float32)

@@ -1,0 +1,319 @@
+"""JaxLayer: the engine every flaxlayer layer runs on."""
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import keras
+import numpy as np
+
+from flaxlayer._adapter import SPEC_KEY, Adapter
+from flaxlayer._bridges import check_backend, compile_for_backend
+from flaxlayer._functions import FunctionAdapter
+from flaxlayer._variables import create_variables, flatten_with_paths, is_float_dtype
+
+# Unknown dimensions are probed at two sizes to tell which output dimensions follow them.
+_PROBE_SIZES = (8, 12)
+
+
+class _Leaf:
+    """Shape (with None for unknown dimensions) and dtype of one input leaf."""
+
+    __slots__ = ("dtype", "shape")
+
+    def __init__(self, shape, dtype):
+        self.shape, self.dtype = tuple(shape), dtype
+
+    def struct(self, fill: int) -> jax.ShapeDtypeStruct:
+        return jax.ShapeDtypeStruct(tuple(fill if d is None else d for d in self.shape), self.dtype)
+
+
+def _leaf_dtype(dtype: Any, float_dtype: str) -> Any:
+    dtype = keras.backend.standardize_dtype(dtype) if dtype is not None else float_dtype
+    return float_dtype if is_float_dtype(dtype) else dtype
+
+
+def _spec_of(inputs: Any, float_dtype: str) -> Any:
+    def leaf(x):
+        return _Leaf(tuple(np.shape(x)) if not hasattr(x, "shape") else tuple(x.shape),
+                     _leaf_dtype(getattr(x, "dtype", None), float_dtype))
+
+    return keras.tree.map_structure(leaf, inputs)
+
+
+def _is_shape(x: Any) -> bool:
+    return isinstance(x, (tuple, list)) and all(d is None or isinstance(d, int) for d in x)
+
+
+def _spec_from_shapes(shapes: Any, float_dtype: str) -> Any:
+    if _is_shape(shapes):
+        return _Leaf(shapes, float_dtype)
+    if isinstance(shapes, dict):
+        return {k: _spec_from_shapes(v, float_dtype) for k, v in shapes.items()}
+    if isinstance(shapes, (tuple, list)):
+        return type(shapes)(_spec_from_shapes(v, float_dtype) for v in shapes)
+    raise ValueError(f"Cannot read an input shape from {shapes!r}.")
+
+
+def _structs(spec: Any, fill: int) -> Any:
+    return jax.tree.map(lambda leaf: leaf.struct(fill), spec, is_leaf=lambda x: isinstance(x, _Leaf))
+
+
+def _has_unknown(spec: Any) -> bool:
+    leaves = jax.tree.leaves(spec, is_leaf=lambda x: isinstance(x, _Leaf))
+    return any(d is None for leaf in leaves for d in leaf.shape)
+
+
+def _merge_probes(a: jax.ShapeDtypeStruct, b: jax.ShapeDtypeStruct) -> keras.KerasTensor:
+    shape = tuple(x if x == y else None for x, y in zip(a.shape, b.shape, strict=True))
+    return keras.KerasTensor(shape, dtype=keras.backend.standardize_dtype(a.dtype))
+
+
+class _Core:
+    """What a layer holds besides its Keras variables (kept off Keras's attribute tracking)."""
+
+    def __init__(self, adapter: Adapter, initial: Any):
+        self.adapter = adapter
+        self.initial = initial
+        self.input_spec: Any = None
+        self.param_vars: list = []
+        self.state_vars: list = []
+        self.params_def = self.state_def = None
+        self.pure: Callable | None = None
+        self.run: Callable | None = None
+        self.needs_rng = {False: False, True: False}
+        self.has_loss = {False: False, True: False}
+
+
+@keras.saving.register_keras_serializable(package="flaxlayer")
+class JaxLayer(keras.layers.Layer):
+    """A Keras layer from a pure JAX function: plain JAX, Haiku, or anything `init`/`apply`-shaped.
+
+    `call_fn` takes any of `params`, `state`, `rng`, `inputs`, `training` by those names, in any
+    order (`inputs` is required). `init_fn` takes any of `rng`, `inputs`, `training` (`inputs`
+    required) and is run at build time on zeros shaped like the first inputs (unknown dimensions
+    become 1). When `call_fn` takes `state`, it returns `(outputs, new_state)` and `init_fn`
+    returns `(params, state)`; the new state is written back to the layer's non-trainable
+    variables after each call.
+
+    `params` become trainable Keras variables named `<layer>/params/<path>`, `state` non-trainable
+    ones named `<layer>/state/<path>`. `rng` is a fresh `jax.random` key per call, drawn from a
+    `keras.random.SeedGenerator(seed)`: reproducible under `keras.utils.set_random_seed`.
+
+    Args:
+        call_fn: The forward function.
+        init_fn: Creates the initial `params` (and `state`); optional if they are given.
+        params: Initial params (any pytree of arrays), used instead of `init_fn`'s.
+        state: Initial state (any pytree of arrays), used instead of `init_fn`'s.
+        seed: Seed for the keys passed as `rng` (and to `init_fn`).
+        **kwargs: Keras layer arguments (`name`, `dtype`, `trainable`, ...).
+
+    Example:
+
+    >>> import jax, jax.numpy as jnp, keras
+    >>> def init_fn(rng, inputs):
+    ...     return {"w": jax.random.normal(rng, (inputs.shape[-1], 3)), "b": jnp.zeros(3)}
+    >>> def call_fn(params, inputs):
+    ...     return inputs @ params["w"] + params["b"]
+    >>> layer = JaxLayer(call_fn, init_fn)
+    >>> layer(jnp.ones((2, 4))).shape
+    (2, 3)
+    >>> [w.path for w in layer.weights]
+    ['jax_layer/params/b', 'jax_layer/params/w']
+    """
+
+    def __init__(
+        self,
+        call_fn: Callable,
+        init_fn: Callable | None = None,
+        params: Any = None,
+        state: Any = None,
+        seed: int | None = None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.call_fn, self.init_fn = call_fn, init_fn
+        adapter = FunctionAdapter(
+            call_fn,
+            init_fn,
+            has_params=params is not None,
+            has_state=state is not None,
+            owner=self._owner_name(),
+        )
+        initial = None if params is None and state is None else (params, state)
+        self._setup(adapter, initial, seed, kwargs)
+
+    def _owner_name(self) -> str:
+        return f"{type(self).__name__} {self.name!r}"
+
+    def _setup(self, adapter: Adapter, initial: Any, seed: int | None, kwargs: dict) -> None:
+        check_backend(self._owner_name())
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+        self._policy_given = kwargs.get("dtype") is not None or (
+            keras.config.dtype_policy().name != "float32"
+        )
+        self._core = _Core(adapter, initial)
+
+    # ----------------------------------------------------------------------------------- build
+
+    def __call__(self, *args, **kwargs):
+        if not self.built:
+            inputs = args[0] if args else kwargs.get("inputs")
+            self._core.input_spec = _spec_of(inputs, self.compute_dtype)
+        return super().__call__(*args, **kwargs)
+
+    def build(self, input_shape=None):
+        core, adapter = self._core, self._core.adapter
+        spec = core.input_spec
+        if spec is None:
+            if input_shape is None:
+                raise ValueError(
+                    f"{self._owner_name()}: build() needs the input shape, e.g. "
+                    "layer.build((None, 28, 28, 1)); or call the layer on inputs."
+                )
+            spec = _spec_from_shapes(input_shape, self.compute_dtype)
+        core.input_spec = spec
+        inputs = _structs(spec, 1)
+        expected = adapter.plan(inputs)
+        if core.initial is not None:
+            params, state = adapter.given(core.initial, expected)
+        elif expected is None:
+            params, state = {}, {}
+        else:
+            rng = _as_key(self.seed_generator.next())
+            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), inputs)
+            params, state = adapter.init(rng, zeros)
+        core.initial = None  # the variables below now own these values
+
+        p_leaves, p_paths, core.params_def = flatten_with_paths(params)
+        s_leaves, s_paths, core.state_def = flatten_with_paths(state)
+        del params, state
+        owner = self._owner_name()
+        core.param_vars = create_variables(
+            p_leaves,
+            p_paths,
+            owner=owner,
+            prefix=adapter.params_prefix,
+            trainable=True,
+            dtype_for=self._variable_dtype_for,
+        )
+        core.state_vars = create_variables(
+            s_leaves,
+            s_paths,
+            owner=owner,
+            prefix=adapter.state_prefix,
+            trainable=False,
+            dtype_for=self._variable_dtype_for,
+        )
+        for variable in core.param_vars + core.state_vars:
+            self._track_variable(variable)
+        core.needs_rng = dict(adapter.needs_rng)
+        core.has_loss = dict(adapter.has_loss)
+        core.pure = _make_pure(adapter, core.params_def, core.state_def, owner)
+        core.run = compile_for_backend(core.pure, owner=owner)
+
+    def _variable_dtype_for(self, dtype: Any) -> Any:
+        if self._policy_given and is_float_dtype(dtype):
+            return self.variable_dtype
+        return keras.backend.standardize_dtype(dtype)
+
+    # ------------------------------------------------------------------------------------ call
+
+    def call(self, inputs, training=None):
+        core = self._core
+        training = bool(training)
+        rng = self.seed_generator.next() if core.needs_rng[training] else None
+        outputs, new_state, loss = core.run(
+            [v.value for v in core.param_vars],
+            [v.value for v in core.state_vars],
+            rng,
+            inputs,
+            training=training,
+        )
+        for variable, value in zip(core.state_vars, new_state, strict=True):
+            variable.assign(value)
+        if core.has_loss[training]:
+            self.add_loss(loss)
+        return outputs
+
+    def compute_output_spec(self, inputs, training=None):
+        core = self._core
+        training = bool(training)
+        spec = _spec_of(inputs, self.compute_dtype)
+        cast = self.autocast and self.compute_dtype != self.variable_dtype
+        params = [self._struct_of(v, cast) for v in core.param_vars]
+        state = [self._struct_of(v, cast) for v in core.state_vars]
+        rng = SPEC_KEY if core.needs_rng[training] else None
+
+        def probe(fill):
+            return jax.eval_shape(
+                lambda p, s, r, x: core.pure(p, s, r, x, training)[0],
+                params,
+                state,
+                rng,
+                _structs(spec, fill),
+            )
+
+        first = probe(_PROBE_SIZES[0])
+        second = probe(_PROBE_SIZES[1]) if _has_unknown(spec) else first
+        return jax.tree.map(_merge_probes, first, second)
+
+    def _struct_of(self, variable, cast: bool) -> jax.ShapeDtypeStruct:
+        dtype = variable.dtype
+        if cast and variable.autocast and is_float_dtype(dtype):
+            dtype = self.compute_dtype
+        return jax.ShapeDtypeStruct(tuple(variable.shape), jnp.dtype(dtype))
+
+    # ------------------------------------------------------------------------------ the trees
+
+    @property
+    def params(self) -> Any:
+        """The trainable variables as a pytree mirroring the params tree (after build)."""
+        self._check_built("params")
+        return self._core.params_def.unflatten(self._core.param_vars)
+
+    @property
+    def state(self) -> Any:
+        """The non-trainable variables as a pytree mirroring the state tree (after build)."""
+        self._check_built("state")
+        return self._core.state_def.unflatten(self._core.state_vars)
+
+    def _values(self) -> tuple[Any, Any]:
+        core = self._core
+        as_jax = [jnp.asarray(keras.ops.convert_to_numpy(v.value))
+                  if keras.backend.backend() != "jax" else v.value
+                  for v in core.param_vars + core.state_vars]
+        n = len(core.param_vars)
+        return core.params_def.unflatten(as_jax[:n]), core.state_def.unflatten(as_jax[n:])
+
+    def _check_built(self, what: str) -> None:
+        if not self.built:
+            raise ValueError(
+                f"{self._owner_name()}: `{what}` exists once the layer is built. Call the layer "
+                "on inputs (or model.build / layer.build(input_shape)) first."
+            )
+
+
+def _as_key(seed: Any) -> jax.Array:
+    return jnp.asarray(keras.ops.convert_to_numpy(seed)).astype(jnp.uint32)
+
+
+def _make_pure(adapter: Adapter, params_def, state_def, owner: str) -> Callable:
+    def pure(params, state, rng, inputs, training):
+        if rng is not None:
+            rng = rng.astype(jnp.uint32)
+        outputs, new_state, loss = adapter.apply(
+            params_def.unflatten(params), state_def.unflatten(state), rng, inputs, training
+        )
+        leaves, treedef = jax.tree.flatten(new_state)
+        if treedef != state_def:
+            raise ValueError(
+                f"{owner}: the call returned state with structure {treedef}, but the layer's "
+                f"state has structure {state_def}. Return a new state with the same keys as "
+                "the state you were given."
+            )
+        return outputs, leaves, loss
+
+    return pure

@@ -1,0 +1,170 @@
+"""Adapter for `flax.linen` modules.
+
+At build time, under `jax.eval_shape` only, the adapter learns which rng streams the method asks
+for (in training and at inference), which collections are real state (stable across calls) and
+which are sown per call ("intermediates", "losses", ...).
+"""
+
+import re
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import errors as flax_errors
+from flax.core import meta
+
+from flaxlayer._adapter import SPEC_KEY, Adapter, raise_mismatches, shape_mismatches
+from flaxlayer._methods import resolve_method
+
+SOWN_BY_CONVENTION = ("intermediates", "losses")
+LOSSES = "losses"
+_MAX_STREAMS = 64
+_STREAM_NAME = re.compile(r'needs PRNG for "([^"]+)"')
+
+
+def _is_box(x: Any) -> bool:
+    return isinstance(x, meta.AxisMetadata)
+
+
+def _split_keys(rng, streams: tuple[str, ...]):
+    if not streams:
+        return None
+    keys = jax.random.split(rng, len(streams))
+    return {name: keys[i] for i, name in enumerate(streams)}
+
+
+def _same_structure(a: Any, b: Any) -> bool:
+    if jax.tree.structure(a) != jax.tree.structure(b):
+        return False
+    return all(
+        tuple(x.shape) == tuple(y.shape) and x.dtype == y.dtype
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+    )
+
+
+def sum_losses(collection: Any):
+    leaves = jax.tree.leaves(collection)
+    if not leaves:
+        return jnp.zeros((), jnp.float32)
+    return sum(jnp.sum(leaf).astype(jnp.float32) for leaf in leaves)
+
+
+class LinenAdapter(Adapter):
+    def __init__(self, module: nn.Module, method: Any, *, owner: str):
+        super().__init__(owner)
+        self.module = module
+        self.method = resolve_method(module, method, owner=owner)
+        self.streams = {False: (), True: ()}
+        self.init_streams: tuple[str, ...] = ("dropout", "params")
+        self.state_collections: tuple[str, ...] = ()
+        self.boxed: Any = None
+
+    def _kwargs(self, inputs, training):
+        if self.method.takes_training:
+            return {"inputs": inputs, "training": training}
+        return {"inputs": inputs}
+
+    def _init(self, rng, inputs):
+        return self.module.init(
+            _split_keys(rng, self.init_streams),
+            method=self.method.fn,
+            **self._kwargs(inputs, False),
+        )
+
+    def _apply(self, variables, rngs, inputs, training):
+        return self.module.apply(
+            variables,
+            rngs=rngs,
+            method=self.method.fn,
+            mutable=nn.DenyList("params"),
+            **self._kwargs(inputs, training),
+        )
+
+    def _discover_streams(self, variables, inputs, training):
+        """Streams the method asks for, found by tracing it abstractly until no stream is missing."""
+        streams: list[str] = []
+        for _ in range(_MAX_STREAMS):
+            rngs = {name: SPEC_KEY for name in streams} or None
+            try:
+                return tuple(sorted(streams)), jax.eval_shape(
+                    lambda v, r, x: self._apply(v, r, x, training), variables, rngs, inputs
+                )
+            except flax_errors.InvalidRngError as e:
+                match = _STREAM_NAME.search(str(e))
+                if match is None or match.group(1) in streams:
+                    raise
+                streams.append(match.group(1))
+        raise RuntimeError(f"{self.owner}: the module asks for more than {_MAX_STREAMS} streams.")
+
+    def plan(self, inputs):
+        boxed = jax.eval_shape(self._init, SPEC_KEY, inputs)
+        self.boxed = boxed
+        abstract = meta.unbox(boxed)
+        candidates = [c for c in abstract if c != "params" and c not in SOWN_BY_CONVENTION]
+        # A collection is state if a training call hands it back unchanged in structure; a
+        # collection that grows (sown into) is per-call output. Repeat until that is stable.
+        for _ in range(len(candidates) + 1):
+            variables = {c: abstract[c] for c in ("params", *candidates) if c in abstract}
+            results = {}
+            for training in (False, True):
+                self.streams[training], results[training] = self._discover_streams(
+                    variables, inputs, training
+                )
+            mutated = results[True][1]
+            stable = [c for c in candidates if _same_structure(abstract[c], mutated.get(c, {}))]
+            if stable == candidates:
+                break
+            candidates = stable
+        self.state_collections = tuple(candidates)
+        for training in (False, True):
+            self.needs_rng[training] = bool(self.streams[training])
+            self.has_loss[training] = bool(jax.tree.leaves(results[training][1].get(LOSSES, {})))
+        self.init_streams = tuple(
+            sorted({"params", "dropout", *self.streams[False], *self.streams[True]})
+        )
+        params = {"params": abstract["params"]} if "params" in abstract else {}
+        return params, {c: abstract[c] for c in self.state_collections}
+
+    def init(self, rng, inputs):
+        variables = meta.unbox(self._init(rng, inputs))
+        params = {"params": variables.pop("params")} if "params" in variables else {}
+        state = {c: variables.pop(c) for c in self.state_collections}
+        return params, state
+
+    def given(self, initial, expected):
+        variables = meta.unbox(dict(initial))
+        exp_params, exp_state = expected
+        expected_all = {**exp_params, **exp_state}
+        sown = [c for c in variables if c not in expected_all and c in SOWN_BY_CONVENTION]
+        for c in sown:
+            variables.pop(c)
+        raise_mismatches(
+            self.owner,
+            "variables",
+            shape_mismatches(expected_all, variables),
+            "Pass the dict `module.init(...)` returns for inputs of this shape, or "
+            "variables=None to initialize at build time.",
+        )
+        params = {"params": variables["params"]} if "params" in variables else {}
+        return params, {c: variables[c] for c in self.state_collections}
+
+    def apply(self, params, state, rng, inputs, training):
+        rngs = _split_keys(rng, self.streams[training])
+        outputs, mutated = self._apply({**params, **state}, rngs, inputs, training)
+        new_state = {c: mutated.get(c, state[c]) for c in state}
+        return outputs, new_state, sum_losses(mutated.get(LOSSES, {}))
+
+    def export(self, values: dict) -> dict:
+        """`values` ({collection: tree}) boxed again where `module.init` returned boxes."""
+        if self.boxed is None or not any(
+            _is_box(x) for x in jax.tree.leaves(self.boxed, is_leaf=_is_box)
+        ):
+            return values
+        boxed = {c: self.boxed[c] for c in values}
+        return jax.tree.map(
+            lambda box, value: box.replace_boxed(value) if _is_box(box) else value,
+            boxed,
+            values,
+            is_leaf=_is_box,
+        )

@@ -1,0 +1,95 @@
+"""Pytrees of arrays <-> named Keras variables.
+
+A leaf at tree path ("params", "Dense_0", "kernel") becomes a `keras.Variable` named "kernel"
+created under the nested name scopes "params" / "Dense_0", so inside a layer its path is
+`<layer>/params/Dense_0/kernel`: what `LayoutMap`, `model.summary()` and errors show.
+"""
+
+import contextlib
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import keras
+import numpy as np
+
+
+def key_name(key: Any) -> str:
+    """The path component of one jax key-path entry."""
+    for attr in ("key", "idx", "name"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def path_parts(keypath: Sequence[Any]) -> tuple[str, ...]:
+    # Haiku module names carry "/" ("mlp/~/linear_0"); Keras names may not.
+    parts: list[str] = []
+    for key in keypath:
+        parts.extend(p for p in key_name(key).split("/") if p)
+    return tuple(parts)
+
+
+def format_path(parts: Sequence[str]) -> str:
+    return "/".join(parts)
+
+
+def flatten_with_paths(tree: Any, is_leaf: Callable | None = None):
+    """Leaves, their path parts, and the treedef of `tree`."""
+    with_path, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
+    paths = [path_parts(kp) for kp, _ in with_path]
+    leaves = [leaf for _, leaf in with_path]
+    return leaves, paths, treedef
+
+
+def is_float_dtype(dtype: Any) -> bool:
+    try:
+        return bool(np.issubdtype(np.dtype(dtype), np.floating))
+    except TypeError:
+        return False
+
+
+def create_variables(
+    leaves: list,
+    paths: Sequence[tuple[str, ...]],
+    *,
+    owner: str,
+    prefix: tuple[str, ...],
+    trainable: bool,
+    dtype_for: Callable[[Any], Any],
+) -> list[keras.Variable]:
+    """Creates one Keras variable per leaf, emptying `leaves` as it goes.
+
+    Each slot of `leaves` is cleared as soon as its variable exists, so the caller's arrays are
+    never held twice (a 1 GiB model stays ~1 GiB while its variables are created).
+    """
+    variables = []
+    seen: dict[tuple[str, ...], int] = {}
+    for i, parts in enumerate(paths):
+        full = prefix + parts
+        if not parts:
+            full = (*prefix, "value")
+        if full in seen:
+            raise ValueError(
+                f"{owner}: two leaves map to the variable path {format_path(full)!r}. "
+                "Give the tree's entries distinct names."
+            )
+        seen[full] = i
+        value = leaves[i]
+        leaves[i] = None
+        dtype = dtype_for(value.dtype)
+        floating = is_float_dtype(dtype)
+        with contextlib.ExitStack() as stack:
+            for scope in full[:-1]:
+                stack.enter_context(keras.name_scope(scope))
+            variables.append(
+                keras.Variable(
+                    initializer=value,
+                    name=full[-1],
+                    dtype=dtype,
+                    trainable=trainable and floating,
+                    autocast=floating,
+                )
+            )
+        del value
+    return variables
