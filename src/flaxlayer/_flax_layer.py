@@ -7,6 +7,8 @@ import keras
 
 from flaxlayer._jax_layer import JaxLayer
 from flaxlayer._linen import LinenAdapter
+from flaxlayer._methods import Method
+from flaxlayer._serialization import Decoder, Encoder, SerializationError
 
 
 @keras.saving.register_keras_serializable(package="flaxlayer")
@@ -64,6 +66,57 @@ class FlaxLayer(JaxLayer):
         self._check_built("flax_variables")
         params, state = self._values()
         return self._core.adapter.export({**params, **state})
+
+
+    def get_config(self) -> dict:
+        """The layer's configuration; the module's is read from its dataclass fields.
+
+        Raises a ValueError naming the module class and field for a field that cannot be saved
+        (a lambda, a closure, an arbitrary object).
+        """
+        config = keras.layers.Layer.get_config(self)
+        encoder = Encoder(self._owner_name())
+        config.update(
+            module=encoder.module(self.module),
+            method=_method_to_config(self._core.adapter.method, encoder, type(self.module)),
+            seed=self.seed,
+        )
+        return config
+
+    @classmethod
+    def from_config(cls, config: dict) -> "FlaxLayer":
+        config = dict(config)
+        decoder = Decoder(f"{cls.__name__} {config.get('name')!r}")
+        try:
+            module = decoder.decode(config.pop("module"))
+            method = _method_from_config(config.pop("method", None), module, decoder)
+        except KeyError as e:
+            raise SerializationError(
+                f"{cls.__name__} {config.get('name')!r}: the config lacks {e}; the file is "
+                "damaged or was not written by flaxlayer."
+            ) from None
+        return super(JaxLayer, cls).from_config({**config, "module": module, "method": method})
+
+
+def _method_to_config(method: Method, encoder: Encoder, cls: type) -> dict:
+    if method.kind == "function":
+        return {"kind": "function",
+                "function": encoder.function(method.fn, f"{cls.__name__}.method")}
+    return {"kind": method.kind, "name": method.name}
+
+
+def _method_from_config(data: dict | None, module: Any, decoder: Decoder) -> Any:
+    kind = (data or {}).get("kind", "call")
+    if kind == "call":
+        return None
+    if kind == "function":
+        return decoder.value(data["function"])
+    name = data.get("name")
+    if not isinstance(name, str) or not callable(vars(type(module)).get(name)) and not callable(
+        getattr(type(module), name, None)
+    ):
+        raise decoder.fail(f"method {name!r}", f"{type(module).__name__} has no such method.")
+    return name if kind == "name" else getattr(module, name)
 
 
 def _adapter_for(module: Any, method: Any, owner: str):

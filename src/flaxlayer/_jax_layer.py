@@ -266,6 +266,84 @@ class JaxLayer(keras.layers.Layer):
             dtype = self.compute_dtype
         return jax.ShapeDtypeStruct(tuple(variable.shape), jnp.dtype(dtype))
 
+    # ---------------------------------------------------------------------------- saving
+
+    def get_config(self) -> dict:
+        config = super().get_config()
+        config.update(
+            call_fn=keras.saving.serialize_keras_object(self.call_fn),
+            init_fn=keras.saving.serialize_keras_object(self.init_fn),
+            seed=self.seed,
+        )
+        if self.init_fn is None:
+            # Nothing can re-create the params: record their shapes, the weights file the values.
+            params, state = self._trees_for_config()
+            config.update(params=_spec_to_config(params), state=_spec_to_config(state))
+        return config
+
+    def _trees_for_config(self) -> tuple[Any, Any]:
+        core = self._core
+        if self.built:
+            trees = (core.params_def.unflatten(core.param_vars),
+                     core.state_def.unflatten(core.state_vars))
+        else:
+            trees = core.initial or (None, None)
+        return tuple(
+            None if t is None else jax.tree.map(lambda x: _Leaf(np.shape(x), _dtype_name(x)), t)
+            for t in trees
+        )
+
+    @classmethod
+    def from_config(cls, config: dict) -> "JaxLayer":
+        config = dict(config)
+        for name in ("call_fn", "init_fn"):
+            if config.get(name) is not None:
+                config[name] = keras.saving.deserialize_keras_object(config[name])
+        for name in ("params", "state"):
+            if config.get(name) is not None:
+                config[name] = jax.tree.map(
+                    lambda leaf: jnp.zeros(leaf.shape, leaf.dtype),
+                    _spec_from_config(config[name]),
+                    is_leaf=lambda x: isinstance(x, _Leaf),
+                )
+        return super().from_config(config)
+
+    def get_build_config(self) -> dict | None:
+        if self._core.input_spec is None:
+            return None
+        return {"input_spec": _spec_to_config(self._core.input_spec)}
+
+    def build_from_config(self, config: dict) -> None:
+        if config and "input_spec" in config:
+            self._core.input_spec = _spec_from_config(config["input_spec"])
+            self.build(None)
+        else:
+            super().build_from_config(config)
+
+    def load_own_variables(self, store) -> None:
+        variables = self._trainable_variables + self._non_trainable_variables
+        owner = self._owner_name()
+        if len(store.keys()) != len(variables):
+            raise ValueError(
+                f"{owner}: the weights file holds {len(store.keys())} variables for this layer, "
+                f"but the layer has {len(variables)}. The file was saved from a different "
+                "model or module configuration."
+            )
+        values = [store[str(i)] for i in range(len(variables))]
+        problems = [
+            f"{v.path}: layer has shape {tuple(v.shape)}, file has {tuple(value.shape)}"
+            for v, value in zip(variables, values, strict=True)
+            if tuple(value.shape) != tuple(v.shape)
+        ]
+        if problems:
+            raise ValueError(
+                f"{owner}: the weights file does not match the module:\n  "
+                + "\n  ".join(problems)
+                + "\nNo weight was loaded. Load a file saved from this module configuration."
+            )
+        for variable, value in zip(variables, values, strict=True):
+            variable.assign(value)
+
     # ------------------------------------------------------------------------------ the trees
 
     @property
@@ -294,6 +372,34 @@ class JaxLayer(keras.layers.Layer):
                 f"{self._owner_name()}: `{what}` exists once the layer is built. Call the layer "
                 "on inputs (or model.build / layer.build(input_shape)) first."
             )
+
+
+def _dtype_name(x: Any) -> str:
+    return keras.backend.standardize_dtype(x.dtype)
+
+
+def _spec_to_config(spec: Any) -> Any:
+    if isinstance(spec, _Leaf):
+        return {"shape": list(spec.shape), "dtype": keras.backend.standardize_dtype(spec.dtype)}
+    if isinstance(spec, dict):
+        return {"dict": [[k, _spec_to_config(v)] for k, v in spec.items()]}
+    if isinstance(spec, (list, tuple)):
+        return {"list" if isinstance(spec, list) else "tuple": [_spec_to_config(v) for v in spec]}
+    if spec is None:
+        return {"none": None}
+    raise ValueError(f"Cannot record the input structure {spec!r}.")
+
+
+def _spec_from_config(data: Any) -> Any:
+    if "shape" in data:
+        return _Leaf(data["shape"], data["dtype"])
+    if "dict" in data:
+        return {k: _spec_from_config(v) for k, v in data["dict"]}
+    if "list" in data:
+        return [_spec_from_config(v) for v in data["list"]]
+    if "tuple" in data:
+        return tuple(_spec_from_config(v) for v in data["tuple"])
+    return None
 
 
 def _as_key(seed: Any) -> jax.Array:
