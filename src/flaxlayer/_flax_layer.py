@@ -4,10 +4,12 @@ from typing import Any
 
 import flax.linen as nn
 import keras
+from flax import nnx
 
 from flaxlayer._jax_layer import JaxLayer
 from flaxlayer._linen import LinenAdapter
 from flaxlayer._methods import Method
+from flaxlayer._nnx import NNXAdapter
 from flaxlayer._serialization import Decoder, Encoder, SerializationError
 
 
@@ -52,9 +54,14 @@ class FlaxLayer(JaxLayer):
         # FlaxLayer has no call_fn/init_fn of its own: it skips JaxLayer.__init__ and gives the
         # engine an adapter for the module instead.
         keras.layers.Layer.__init__(self, **kwargs)
-        self.module, self.method = module, method
+        self.method = method
         self.call_fn = self.init_fn = None
         self._setup(_adapter_for(module, method, self._owner_name()), variables, seed, kwargs)
+
+    @property
+    def module(self) -> Any:
+        """The wrapped module. For NNX, once built: a module holding the layer's current values."""
+        return self._core.adapter.module_object(self)
 
     @property
     def flax_variables(self) -> dict:
@@ -64,9 +71,7 @@ class FlaxLayer(JaxLayer):
         deploy in pure Flax.
         """
         self._check_built("flax_variables")
-        params, state = self._values()
-        return self._core.adapter.export({**params, **state})
-
+        return self._core.adapter.export(*self._values())
 
     def get_config(self) -> dict:
         """The layer's configuration; the module's is read from its dataclass fields.
@@ -100,8 +105,10 @@ class FlaxLayer(JaxLayer):
 
 def _method_to_config(method: Method, encoder: Encoder, cls: type) -> dict:
     if method.kind == "function":
-        return {"kind": "function",
-                "function": encoder.function(method.fn, f"{cls.__name__}.method")}
+        return {
+            "kind": "function",
+            "function": encoder.function(method.fn, f"{cls.__name__}.method"),
+        }
     return {"kind": method.kind, "name": method.name}
 
 
@@ -112,8 +119,9 @@ def _method_from_config(data: dict | None, module: Any, decoder: Decoder) -> Any
     if kind == "function":
         return decoder.value(data["function"])
     name = data.get("name")
-    if not isinstance(name, str) or not callable(vars(type(module)).get(name)) and not callable(
-        getattr(type(module), name, None)
+    if not isinstance(name, str) or (
+        not callable(vars(type(module)).get(name))
+        and not callable(getattr(type(module), name, None))
     ):
         raise decoder.fail(f"method {name!r}", f"{type(module).__name__} has no such method.")
     return name if kind == "name" else getattr(module, name)
@@ -122,8 +130,10 @@ def _method_from_config(data: dict | None, module: Any, decoder: Decoder) -> Any
 def _adapter_for(module: Any, method: Any, owner: str):
     if isinstance(module, nn.Module):
         return LinenAdapter(module, method, owner=owner)
+    if isinstance(module, nnx.Module):
+        return NNXAdapter(module, method, owner=owner)
     raise TypeError(
-        f"{owner}: `module` must be a flax.linen.Module instance; got "
+        f"{owner}: `module` must be a flax.linen.Module or flax.nnx.Module instance; got "
         f"{type(module).__module__}.{type(module).__qualname__}. For a plain JAX function or "
         "a Haiku transform, use flaxlayer.JaxLayer(call_fn, init_fn)."
     )

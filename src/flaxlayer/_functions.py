@@ -1,7 +1,6 @@
 """Adapter for JaxLayer: user-written `call_fn` / `init_fn` (plain JAX, Haiku, ...)."""
 
 from collections.abc import Callable
-from typing import Any
 
 import jax
 import jax.numpy as jnp

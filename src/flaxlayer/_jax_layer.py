@@ -36,8 +36,10 @@ def _leaf_dtype(dtype: Any, float_dtype: str) -> Any:
 
 def _spec_of(inputs: Any, float_dtype: str) -> Any:
     def leaf(x):
-        return _Leaf(tuple(np.shape(x)) if not hasattr(x, "shape") else tuple(x.shape),
-                     _leaf_dtype(getattr(x, "dtype", None), float_dtype))
+        return _Leaf(
+            tuple(np.shape(x)) if not hasattr(x, "shape") else tuple(x.shape),
+            _leaf_dtype(getattr(x, "dtype", None), float_dtype),
+        )
 
     return keras.tree.map_structure(leaf, inputs)
 
@@ -57,7 +59,9 @@ def _spec_from_shapes(shapes: Any, float_dtype: str) -> Any:
 
 
 def _structs(spec: Any, fill: int) -> Any:
-    return jax.tree.map(lambda leaf: leaf.struct(fill), spec, is_leaf=lambda x: isinstance(x, _Leaf))
+    return jax.tree.map(
+        lambda leaf: leaf.struct(fill), spec, is_leaf=lambda x: isinstance(x, _Leaf)
+    )
 
 
 def _has_unknown(spec: Any) -> bool:
@@ -284,8 +288,10 @@ class JaxLayer(keras.layers.Layer):
     def _trees_for_config(self) -> tuple[Any, Any]:
         core = self._core
         if self.built:
-            trees = (core.params_def.unflatten(core.param_vars),
-                     core.state_def.unflatten(core.state_vars))
+            trees = (
+                core.params_def.unflatten(core.param_vars),
+                core.state_def.unflatten(core.state_vars),
+            )
         else:
             trees = core.initial or (None, None)
         return tuple(
@@ -360,9 +366,12 @@ class JaxLayer(keras.layers.Layer):
 
     def _values(self) -> tuple[Any, Any]:
         core = self._core
-        as_jax = [jnp.asarray(keras.ops.convert_to_numpy(v.value))
-                  if keras.backend.backend() != "jax" else v.value
-                  for v in core.param_vars + core.state_vars]
+        as_jax = [
+            jnp.asarray(keras.ops.convert_to_numpy(v.value))
+            if keras.backend.backend() != "jax"
+            else v.value
+            for v in core.param_vars + core.state_vars
+        ]
         n = len(core.param_vars)
         return core.params_def.unflatten(as_jax[:n]), core.state_def.unflatten(as_jax[n:])
 

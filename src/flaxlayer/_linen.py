@@ -155,8 +155,12 @@ class LinenAdapter(Adapter):
         new_state = {c: mutated.get(c, state[c]) for c in state}
         return outputs, new_state, sum_losses(mutated.get(LOSSES, {}))
 
-    def export(self, values: dict) -> dict:
-        """`values` ({collection: tree}) boxed again where `module.init` returned boxes."""
+    def module_object(self, layer) -> nn.Module:
+        return self.module
+
+    def export(self, params: dict, state: dict) -> dict:
+        """The variables dict `module.init` returns, boxed again where init returned boxes."""
+        values = {**params, **state}
         if self.boxed is None or not any(
             _is_box(x) for x in jax.tree.leaves(self.boxed, is_leaf=_is_box)
         ):

@@ -35,15 +35,16 @@ class SerializationError(ValueError):
 
 def module_classes() -> tuple[type, ...]:
     import flax.linen as nn
+    from flax import nnx
 
-    classes: list[type] = [nn.Module]
-    try:
-        from flax import nnx
+    return (nn.Module, nnx.Module)
 
-        classes.append(nnx.Module)
-    except ImportError:  # pragma: no cover - nnx ships with every supported flax
-        pass
-    return tuple(classes)
+
+def loadable_classes() -> tuple[type, ...]:
+    """What a file may name as a class: Flax modules, NNX graph nodes and NNX variable types."""
+    from flax import nnx
+
+    return (*module_classes(), nnx.Pytree, nnx.Variable)
 
 
 def in_safe_mode() -> bool:
@@ -90,6 +91,7 @@ class Encoder:
 
     def __init__(self, owner: str):
         self.owner = owner
+        self._nodes: dict[int, int] = {}
 
     def fail(self, where: str, value: Any, why: str) -> SerializationError:
         cls, _, field = where.partition(".")
@@ -105,6 +107,8 @@ class Encoder:
     def module(self, module: Any, where: str | None = None) -> dict:
         cls = type(module)
         where = where or cls.__name__
+        if _is_nnx_node(module):
+            return self.nnx_node(module, where)
         ref = self.class_ref(cls, where)
         if callable(getattr(cls, "get_config", None)) and callable(
             getattr(cls, "from_config", None)
@@ -124,6 +128,43 @@ class Encoder:
             fields[f.name] = self.value(value, f"{cls.__name__}.{f.name}")
         return {TAG: "module", "class": ref, "fields": fields}
 
+    def nnx_node(self, node: Any, where: str) -> dict:
+        """An NNX graph node (Module, List, Rngs, ...): its class and attributes, values aside.
+
+        Variables keep their type, shape, dtype and metadata; their values travel in the
+        weights file. A node reachable twice is written once and referenced after.
+        """
+        if id(node) in self._nodes:
+            return {TAG: "nnx_ref", "id": self._nodes[id(node)]}
+        self._nodes[id(node)] = index = len(self._nodes)
+        cls = type(node)
+        ref = self.class_ref(cls, where)
+        attributes, data = {}, None
+        for name, value in vars(node).items():
+            if name == "_pytree__state":
+                continue
+            if name == "_pytree__nodes":
+                data = {str(k): bool(v) for k, v in value.items()}
+                continue
+            attributes[name] = self.value(value, f"{cls.__name__}.{name}")
+        return {TAG: "nnx_node", "id": index, "class": ref, "attributes": attributes, "data": data}
+
+    def nnx_variable(self, variable: Any, where: str) -> dict:
+        import jax
+
+        value = variable.get_value()
+        entry = {
+            TAG: "nnx_variable",
+            "class": self.class_ref(type(variable), where),
+            "shape": list(np.shape(value)),
+            "metadata": self.value(dict(variable.get_metadata()), where),
+        }
+        if jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key):
+            entry["key_impl"] = str(jax.random.key_impl(value))
+        else:
+            entry["dtype"] = np.dtype(value.dtype).name
+        return entry
+
     def class_ref(self, cls: type, where: str) -> dict:
         ref = _ref(cls)
         if "<locals>" in ref["qualname"] or _lookup(ref["module"], ref["qualname"]) is not cls:
@@ -141,7 +182,9 @@ class Encoder:
             return value if math.isfinite(value) else {TAG: "float", "value": repr(value)}
         if isinstance(value, np.generic):
             return {TAG: "scalar", "dtype": value.dtype.name, "value": value.item()}
-        if isinstance(value, module_classes()):
+        if _is_nnx_variable(value):
+            return self.nnx_variable(value, where)
+        if isinstance(value, module_classes()) or _is_nnx_node(value):
             return self.module(value, where)
         dtype = _as_dtype(value)
         if dtype is not None:
@@ -203,6 +246,18 @@ class Encoder:
         }
 
 
+def _is_nnx_node(value: Any) -> bool:
+    from flax import nnx
+
+    return isinstance(value, nnx.Pytree)
+
+
+def _is_nnx_variable(value: Any) -> bool:
+    from flax import nnx
+
+    return isinstance(value, nnx.Variable)
+
+
 def _as_dtype(value: Any) -> np.dtype | None:
     if isinstance(value, np.dtype):
         return value
@@ -223,6 +278,7 @@ class Decoder:
         self.owner = owner
         self.safe = in_safe_mode() if safe is None else safe
         self.class_modules: set[str] = set()
+        self._nodes: dict[int, Any] = {}
 
     def fail(self, what: str, fix: str) -> SerializationError:
         return SerializationError(f"{self.owner}: cannot load {what}. {fix}")
@@ -234,7 +290,7 @@ class Decoder:
 
     def _resolve_classes(self, data: Any) -> None:
         if isinstance(data, dict):
-            if data.get(TAG) in ("module", "class"):
+            if data.get(TAG) in ("module", "class", "nnx_node", "nnx_variable"):
                 self.resolve_class(data["class"])
             for v in data.values():
                 self._resolve_classes(v)
@@ -257,11 +313,12 @@ class Decoder:
             except ImportError as e:
                 raise self.fail(f"class {qualname!r}", f"Importing {module_name!r} failed: {e}.")
         cls = _lookup(module_name, qualname)
-        if not (isinstance(cls, type) and issubclass(cls, module_classes())):
+        if not (isinstance(cls, type) and issubclass(cls, loadable_classes())):
             raise self.fail(
                 f"{module_name}.{qualname} as a module class",
                 "It is not a Flax module class (a subclass of flax.linen.Module or "
-                "flax.nnx.Module); the file may have been tampered with.",
+                "flax.nnx.Module, or an NNX Variable type); the file may have been tampered "
+                "with.",
             )
         self.class_modules.add(module_name)
         return cls
@@ -285,8 +342,10 @@ class Decoder:
             return {k: self.value(v) for k, v in data.items()}
         handler = getattr(self, f"_decode_{kind}", None)
         if handler is None:
-            raise self.fail(f"a value of kind {kind!r}", "The file is damaged or was written "
-                            "by a newer flaxlayer.")
+            raise self.fail(
+                f"a value of kind {kind!r}",
+                "The file is damaged or was written by a newer flaxlayer.",
+            )
         return handler(data)
 
     def _decode_float(self, data):
@@ -347,6 +406,43 @@ class Decoder:
                 "was saved, or the file is damaged.",
             )
         return cls(**fields)
+
+    def _decode_nnx_node(self, data):
+        from flax.nnx import graphlib, pytreelib
+
+        cls = self.resolve_class(data["class"])
+        if not issubclass(cls, pytreelib.Pytree):
+            raise self.fail(f"{cls.__name__} as an NNX node", "It is not an NNX Module.")
+        # As NNX itself rebuilds a node in nnx.merge: no __init__, attributes set directly.
+        node = object.__new__(cls)
+        self._nodes[data["id"]] = node
+        object.__setattr__(node, "_pytree__state", pytreelib.PytreeState())
+        if data.get("data") is not None:
+            object.__setattr__(node, "_pytree__nodes", graphlib.HashableMapping(data["data"]))
+        for name, value in data["attributes"].items():
+            object.__setattr__(node, name, self.value(value))
+        return node
+
+    def _decode_nnx_ref(self, data):
+        if data.get("id") not in self._nodes:
+            raise self.fail("an NNX module", "It refers to a node the file does not define.")
+        return self._nodes[data["id"]]
+
+    def _decode_nnx_variable(self, data):
+        import jax
+        import jax.numpy as jnp
+        from flax import nnx
+
+        cls = self.resolve_class(data["class"])
+        if not issubclass(cls, nnx.Variable):
+            raise self.fail(f"{cls.__name__} as an NNX Variable", "It is not an NNX Variable.")
+        shape = tuple(data["shape"])
+        if "key_impl" in data:
+            value = jax.random.key(0, impl=data["key_impl"])
+            value = jax.random.split(value, shape) if shape else value
+        else:
+            value = jnp.zeros(shape, data["dtype"])  # the weights file holds the values
+        return cls.from_metadata(value, self.value(data["metadata"]))
 
     def _decode_function(self, data):
         if "registered" in data:

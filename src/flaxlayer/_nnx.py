@@ -1,0 +1,182 @@
+"""Adapter for `flax.nnx` modules.
+
+The module is split once into its graph structure and three states: `nnx.Param` (trainable),
+rng state (`RngKey`/`RngCount`, re-keyed from the layer's seed on every call, so never stored),
+and everything else (BatchStat, caches, user Variable types: non-trainable, written back). Each
+call merges a fresh copy of the module from the current values, so the user's module object is
+never put in another mode or mutated.
+"""
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from flaxlayer._adapter import Adapter, raise_mismatches, shape_mismatches
+from flaxlayer._methods import resolve_method
+
+_DEFAULT_IMPL = "threefry2x32"
+
+
+def _is_key(x: Any) -> bool:
+    return jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def _split_state(module: nnx.Module):
+    graphdef, params, rngs, rest = nnx.split(module, nnx.Param, nnx.RngState, ...)
+    return graphdef, params, rngs, rest
+
+
+class _StateLayout:
+    """A State's treedef plus, for each leaf, its attribute path: pure dict <-> nnx.State."""
+
+    def __init__(self, state: nnx.State):
+        with_path, self.treedef = jax.tree_util.tree_flatten_with_path(state)
+        self.paths = [
+            tuple(k.key if hasattr(k, "key") else k.idx for k in kp if not hasattr(k, "name"))
+            for kp, _ in with_path
+        ]
+
+    def to_pure(self, leaves: list) -> dict:
+        pure: dict = {}
+        for path, leaf in zip(self.paths, leaves, strict=True):
+            node = pure
+            for key in path[:-1]:
+                node = node.setdefault(key, {})
+            node[path[-1]] = leaf
+        return pure
+
+    def from_pure(self, pure: dict) -> nnx.State:
+        leaves = []
+        for path in self.paths:
+            node = pure
+            for key in path:
+                node = node[key]
+            leaves.append(node)
+        return self.treedef.unflatten(leaves)
+
+
+def _flat_values(state: nnx.State) -> dict:
+    return {tuple(path): var.get_value() for path, var in state.flat_state()}
+
+
+class NNXAdapter(Adapter):
+    def __init__(self, module: nnx.Module, method: Any, *, owner: str):
+        super().__init__(owner)
+        self.method = resolve_method(module, method, owner=owner)
+        self._module: nnx.Module | None = module
+        self.graphdef, params, rngs, rest = _split_state(module)
+        self.params_layout = _StateLayout(params)
+        self.state_layout = _StateLayout(rest)
+        self.rngs_layout = _StateLayout(rngs)
+        self.rng_leaves = [
+            ("key", tuple(x.shape), str(jax.random.key_impl(x)))
+            if _is_key(x)
+            else ("count", tuple(x.shape), x.dtype)
+            for x in jax.tree.leaves(rngs)
+        ]
+        uses_rng = any(kind == "key" for kind, _, _ in self.rng_leaves)
+        self.needs_rng = {False: uses_rng, True: uses_rng}
+        # Held until build, then handed to the Keras variables (never copied, never kept).
+        self._arrays = (jax.tree.leaves(params), jax.tree.leaves(rest))
+        self._abstract = (
+            self.params_layout.to_pure(
+                [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in self._arrays[0]]
+            ),
+            self.state_layout.to_pure(
+                [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in self._arrays[1]]
+            ),
+        )
+
+    # ----------------------------------------------------------------------------- engine
+
+    def plan(self, inputs):
+        return self._abstract
+
+    def init(self, rng, inputs):
+        params, rest = self._arrays
+        self._arrays = self._module = None
+        return self.params_layout.to_pure(params), self.state_layout.to_pure(rest)
+
+    def given(self, initial, expected):
+        if not isinstance(initial, nnx.State):
+            raise TypeError(
+                f"{self.owner}: for an NNX module, `variables` must be an nnx.State (e.g. "
+                f"nnx.state(module)); got {type(initial).__name__}."
+            )
+        self._arrays = self._module = None
+        flat = _flat_values(initial)
+        params = self._pick(flat, self.params_layout)
+        state = self._pick(flat, self.state_layout)
+        problems = shape_mismatches(expected[0], params) + shape_mismatches(expected[1], state)
+        raise_mismatches(
+            self.owner,
+            "variables",
+            problems,
+            "Pass nnx.state(module) of a module built like this one, or leave variables=None "
+            "to use the module's own values.",
+        )
+        return params, state
+
+    def _pick(self, flat: dict, layout: _StateLayout) -> dict:
+        pure: dict = {}
+        for path in layout.paths:
+            if path in flat:
+                node = pure
+                for key in path[:-1]:
+                    node = node.setdefault(key, {})
+                node[path[-1]] = flat[path]
+        return pure
+
+    def fresh_rngs(self, rng) -> nnx.State:
+        leaves = []
+        base = jax.random.wrap_key_data(rng) if rng is not None else jax.random.key(0)
+        for i, (kind, shape, info) in enumerate(self.rng_leaves):
+            if kind == "count":
+                leaves.append(jnp.zeros(shape, info))
+                continue
+            key = jax.random.fold_in(base, i)
+            if info != _DEFAULT_IMPL:
+                data_shape = jax.random.key_data(jax.random.key(0, impl=info)).shape
+                key = jax.random.wrap_key_data(
+                    jax.random.bits(key, data_shape, jnp.uint32), impl=info
+                )
+            if shape:
+                key = jax.random.split(key, shape)
+            leaves.append(key)
+        return self.rngs_layout.treedef.unflatten(leaves)
+
+    def module_from(self, params: dict, state: dict, rng) -> nnx.Module:
+        return nnx.merge(
+            self.graphdef,
+            self.params_layout.from_pure(params),
+            self.fresh_rngs(rng),
+            self.state_layout.from_pure(state),
+        )
+
+    def apply(self, params, state, rng, inputs, training):
+        module = self.module_from(params, state, rng)
+        kwargs = {"inputs": inputs}
+        if self.method.takes_training:
+            kwargs["training"] = training
+        elif training:
+            module.train()
+        else:
+            module.eval()
+        outputs = self.method.fn(module, **kwargs)
+        flat = _flat_values(_split_state(module)[3])
+        # Variables a call adds (sown intermediates) are not state: keep the known paths only.
+        new_state = self._pick(flat, self.state_layout)
+        return outputs, new_state, jnp.zeros((), jnp.float32)
+
+    def module_object(self, layer) -> nnx.Module:
+        if self._module is not None:
+            return self._module
+        params, state = layer._values()
+        return self.module_from(params, state, None)
+
+    def export(self, params: dict, state: dict) -> nnx.State:
+        return nnx.merge_state(
+            self.params_layout.from_pure(params), self.state_layout.from_pure(state)
+        )
