@@ -82,7 +82,7 @@ class LinenAdapter(Adapter):
         )
 
     def _discover_streams(self, variables, inputs, training):
-        """Streams the method asks for, found by tracing it abstractly until no stream is missing."""
+        """The streams the method asks for: traced abstractly until none is missing."""
         streams: list[str] = []
         for _ in range(_MAX_STREAMS):
             rngs = {name: SPEC_KEY for name in streams} or None

@@ -211,9 +211,12 @@ class Encoder:
 
     def function(self, fn: Any, where: str) -> dict:
         registered = keras.saving.get_registered_name(fn)
-        if registered and keras.saving.get_registered_object(registered) is fn:
-            if registered != getattr(fn, "__name__", None):
-                return {TAG: "function", "registered": registered}
+        if (
+            registered
+            and registered != getattr(fn, "__name__", None)
+            and keras.saving.get_registered_object(registered) is fn
+        ):
+            return {TAG: "function", "registered": registered}
         name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None)
         module_name = getattr(fn, "__module__", None)
         if name and module_name and _lookup(module_name, name) is fn:
@@ -237,7 +240,9 @@ class Encoder:
         factory = _lookup(module_name, factory_name)
         if not rest or not callable(factory):
             return None
-        cells = dict(zip(code.co_freevars, (c.cell_contents for c in fn.__closure__ or ())))
+        cells = dict(
+            zip(code.co_freevars, (c.cell_contents for c in fn.__closure__ or ()), strict=True)
+        )
         kwargs = {k: self.value(v, qualname) for k, v in cells.items()}
         return {
             TAG: "factory",
@@ -311,7 +316,9 @@ class Decoder:
             try:
                 importlib.import_module(module_name)
             except ImportError as e:
-                raise self.fail(f"class {qualname!r}", f"Importing {module_name!r} failed: {e}.")
+                raise self.fail(
+                    f"class {qualname!r}", f"Importing {module_name!r} failed: {e}."
+                ) from e
         cls = _lookup(module_name, qualname)
         if not (isinstance(cls, type) and issubclass(cls, loadable_classes())):
             raise self.fail(
