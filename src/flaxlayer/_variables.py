@@ -65,6 +65,7 @@ def create_variables(
     """
     variables = []
     seen: dict[tuple[str, ...], int] = {}
+    on_jax = keras.backend.backend() == "jax"
     for i, parts in enumerate(paths):
         full = prefix + parts
         if not parts:
@@ -75,7 +76,7 @@ def create_variables(
                 "Give the tree's entries distinct names."
             )
         seen[full] = i
-        value = leaves[i]
+        value = leaves[i] if on_jax else np.asarray(leaves[i])
         leaves[i] = None
         dtype = dtype_for(value.dtype)
         floating = is_float_dtype(dtype)

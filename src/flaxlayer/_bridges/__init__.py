@@ -4,24 +4,36 @@ from collections.abc import Callable
 
 import keras
 
-SUPPORTED_BACKENDS = ("jax",)
+SUPPORTED_BACKENDS = ("jax", "tensorflow", "torch")
 
 
 def compile_for_backend(pure: Callable, *, owner: str) -> Callable:
-    """Returns `run(params, state, rng, inputs, training)` for the active Keras backend."""
+    """Returns `run(params, state, rng, inputs, training)` for the active Keras backend.
+
+    `params` and `state` are lists of backend tensors; `run` returns (outputs, new state leaves,
+    summed losses) as backend tensors, differentiable with respect to params and inputs.
+    """
     backend = keras.backend.backend()
     if backend == "jax":
         from flaxlayer._bridges.jax import compile_jax
 
         return compile_jax(pure)
+    if backend == "tensorflow":
+        from flaxlayer._bridges.tensorflow import compile_tensorflow
+
+        return compile_tensorflow(pure)
+    if backend == "torch":
+        from flaxlayer._bridges.torch import compile_torch
+
+        return compile_torch(pure, owner)
     raise unsupported_backend(owner, backend)
 
 
 def unsupported_backend(owner: str, backend: str) -> RuntimeError:
     return RuntimeError(
-        f"{owner}: the Keras backend is {backend!r}, but flaxlayer runs only on "
-        f"{', '.join(repr(b) for b in SUPPORTED_BACKENDS)} in this version. Set "
-        "KERAS_BACKEND=jax before importing keras (or in ~/.keras/keras.json)."
+        f"{owner}: the Keras backend is {backend!r}, but flaxlayer runs on "
+        f"{', '.join(repr(b) for b in SUPPORTED_BACKENDS)}. Set KERAS_BACKEND to one of them "
+        "before importing keras (or in ~/.keras/keras.json)."
     )
 
 

@@ -1,0 +1,144 @@
+"""The PyTorch backend: torch tensors handed to JAX through DLPack (no copy), with autograd.
+
+A training call runs a jitted `jax.vjp` of the pure function inside a `torch.autograd.Function`
+whose backward applies the saved vjp (also jitted): torch's `loss.backward()` reaches the Flax
+params. Calls that need no gradient run the jitted function alone. JAX compiles each once per
+input signature.
+"""
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+
+
+def _jax_sees(device: torch.device) -> bool:
+    if device.type == "cpu":
+        return True
+    platform = {"cuda": "gpu", "mps": "METAL"}.get(device.type, device.type)
+    return any(d.platform.lower() == platform.lower() for d in jax.devices())
+
+
+def to_jax(tensor: torch.Tensor, owner: str) -> jax.Array:
+    if not _jax_sees(tensor.device):
+        raise RuntimeError(
+            f"{owner}: on the PyTorch backend, a tensor is on device {tensor.device}, which "
+            f"JAX cannot see (JAX devices: {', '.join(str(d) for d in jax.devices())}). "
+            "Install a JAX build for that device, or move the model and data to a device "
+            "both frameworks see (e.g. CPU)."
+        )
+    tensor = tensor.detach()
+    if not tensor.is_contiguous():
+        tensor = tensor.contiguous()
+    return jax.dlpack.from_dlpack(tensor)
+
+
+def to_torch(array: jax.Array) -> torch.Tensor:
+    return torch.from_dlpack(array)
+
+
+def _is_float(dtype) -> bool:
+    return jnp.issubdtype(dtype, jnp.floating)
+
+
+class _Call:
+    """One call's bookkeeping, shared by forward and backward."""
+
+    __slots__ = (
+        "bwd",
+        "fwd",
+        "n_params",
+        "n_state",
+        "out_def",
+        "owner",
+        "rng",
+        "training",
+        "x_def",
+    )
+
+
+class _JaxFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, call: _Call, *tensors):
+        n_p, n_s = call.n_params, call.n_state
+        params = [to_jax(t, call.owner) for t in tensors[:n_p]]
+        state = [to_jax(t, call.owner) for t in tensors[n_p : n_p + n_s]]
+        inputs = call.x_def.unflatten([to_jax(t, call.owner) for t in tensors[n_p + n_s :]])
+        primals, vjp = call.fwd(params, state, call.rng, inputs, training=call.training)
+        flat, call.out_def = jax.tree.flatten(primals)
+        jax.block_until_ready(flat)
+        ctx.call, ctx.vjp = call, vjp
+        ctx.avals = [(x.shape, x.dtype) for x in flat]
+        outs = tuple(to_torch(x) for x in flat)
+        n_out = call.out_def.num_leaves
+        n_new_state = len(jax.tree.leaves(primals[1]))
+        no_grad = [
+            o
+            for i, (o, x) in enumerate(zip(outs, flat, strict=True))
+            if not _is_float(x.dtype) or (n_out - 1 - n_new_state) <= i < n_out - 1
+        ]
+        ctx.mark_non_differentiable(*no_grad)
+        return outs
+
+    @staticmethod
+    def backward(ctx, *grads):
+        call = ctx.call
+        cotangents = []
+        for g, (shape, dtype) in zip(grads, ctx.avals, strict=True):
+            if not _is_float(dtype):
+                cotangents.append(np.zeros(shape, jax.dtypes.float0))
+            elif g is None:
+                cotangents.append(jnp.zeros(shape, dtype))
+            else:
+                cotangents.append(to_jax(g.to(_torch_dtype(dtype)), call.owner))
+        g_params, g_inputs = call.bwd(ctx.vjp, call.out_def.unflatten(cotangents))
+        grads_p = [to_torch(g) for g in g_params]
+        grads_x = [to_torch(g) if _is_float(g.dtype) else None for g in jax.tree.leaves(g_inputs)]
+        return (None, *grads_p, *([None] * call.n_state), *grads_x)
+
+
+def _torch_dtype(dtype) -> torch.dtype:
+    return torch.from_dlpack(jnp.zeros((), dtype)).dtype
+
+
+def compile_torch(pure: Callable, owner: str) -> Callable:
+    plain = jax.jit(pure, static_argnames=("training",))
+
+    def forward_with_vjp(params, state, rng, inputs, training):
+        def f(p, x):
+            return pure(p, state, rng, x, training)
+
+        return jax.vjp(f, params, inputs)
+
+    fwd = jax.jit(forward_with_vjp, static_argnames=("training",))
+    bwd = jax.jit(lambda vjp, cotangents: vjp(cotangents))
+
+    def run(params, state, rng, inputs, training):
+        flat_x, x_def = jax.tree.flatten(inputs)
+        flat_x = [x if isinstance(x, torch.Tensor) else torch.as_tensor(x) for x in flat_x]
+        rng_jax = None if rng is None else to_jax(rng, owner)
+        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (*params, *flat_x))
+        if not needs_grad:
+            out = plain(
+                [to_jax(t, owner) for t in params],
+                [to_jax(t, owner) for t in state],
+                rng_jax,
+                x_def.unflatten([to_jax(t, owner) for t in flat_x]),
+                training=training,
+            )
+            jax.block_until_ready(out)
+            return jax.tree.map(to_torch, out)
+        call = _Call()
+        call.fwd, call.bwd, call.owner, call.training = fwd, bwd, owner, training
+        call.n_params, call.n_state, call.rng, call.x_def = (
+            len(params),
+            len(state),
+            rng_jax,
+            x_def,
+        )
+        outs = _JaxFunction.apply(call, *params, *state, *flat_x)
+        return call.out_def.unflatten(list(outs))
+
+    return run
