@@ -20,6 +20,8 @@ class Adapter:
     #: Variable path prefixes for the params and state trees (so both are unique in one layer).
     params_prefix: tuple[str, ...] = ()
     state_prefix: tuple[str, ...] = ()
+    #: Whether `init` takes a key (an NNX module arrives initialized).
+    init_uses_rng: bool = True
 
     def __init__(self, owner: str):
         self.owner = owner

@@ -51,7 +51,8 @@ class FunctionAdapter(Adapter):
         self.needs_rng = {False: uses_rng, True: uses_rng}
 
     def _init_call(self, rng, inputs):
-        values = {"rng": rng, "inputs": inputs, "training": False}
+        # As keras.layers.JaxLayer does, and as Haiku's BatchNorm needs to create its averages.
+        values = {"rng": rng, "inputs": inputs, "training": True}
         result = self.init_fn(*(values[name] for name in self.init_args))
         if not self.uses_state:
             return result, {}

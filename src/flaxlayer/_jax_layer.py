@@ -180,15 +180,19 @@ class JaxLayer(keras.layers.Layer):
             spec = _spec_from_shapes(input_shape, self.compute_dtype)
         core.input_spec = spec
         inputs = _structs(spec, 1)
-        expected = adapter.plan(inputs)
-        if core.initial is not None:
-            params, state = adapter.given(core.initial, expected)
-        elif expected is None:
-            params, state = {}, {}
-        else:
-            rng = _as_key(self.seed_generator.next())
-            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), inputs)
-            params, state = adapter.init(rng, zeros)
+        # Keras may build inside its own symbolic trace (a subclassed model first seen by fit):
+        # initial values must still be concrete arrays.
+        given = core.initial is not None
+        with jax.ensure_compile_time_eval():
+            expected = adapter.plan(inputs)
+            if given:
+                params, state = adapter.given(core.initial, expected)
+            elif expected is None:
+                params, state = {}, {}
+            else:
+                rng = _as_key(self.seed_generator.next()) if adapter.init_uses_rng else None
+                zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), inputs)
+                params, state = adapter.init(rng, zeros)
         core.initial = None  # the variables below now own these values
 
         p_leaves, p_paths, core.params_def = flatten_with_paths(params)
@@ -202,6 +206,7 @@ class JaxLayer(keras.layers.Layer):
             prefix=adapter.params_prefix,
             trainable=True,
             dtype_for=self._variable_dtype_for,
+            copy=given,  # the caller keeps what it passed; what init made is moved
         )
         core.state_vars = create_variables(
             s_leaves,
@@ -210,6 +215,7 @@ class JaxLayer(keras.layers.Layer):
             prefix=adapter.state_prefix,
             trainable=False,
             dtype_for=self._variable_dtype_for,
+            copy=given,
         )
         for variable in core.param_vars + core.state_vars:
             self._track_variable(variable)
@@ -266,7 +272,7 @@ class JaxLayer(keras.layers.Layer):
 
     def _struct_of(self, variable, cast: bool) -> jax.ShapeDtypeStruct:
         dtype = variable.dtype
-        if cast and variable.autocast and is_float_dtype(dtype):
+        if cast and is_float_dtype(dtype):  # flaxlayer autocasts exactly its float variables
             dtype = self.compute_dtype
         return jax.ShapeDtypeStruct(tuple(variable.shape), jnp.dtype(dtype))
 

@@ -15,7 +15,7 @@ from flax import errors as flax_errors
 from flax.core import meta
 
 from flaxlayer._adapter import SPEC_KEY, Adapter, raise_mismatches, shape_mismatches
-from flaxlayer._methods import resolve_method
+from flaxlayer._methods import method_arguments, resolve_method
 
 SOWN_BY_CONVENTION = ("intermediates", "losses")
 LOSSES = "losses"
@@ -60,25 +60,21 @@ class LinenAdapter(Adapter):
         self.state_collections: tuple[str, ...] = ()
         self.boxed: Any = None
 
-    def _kwargs(self, inputs, training):
-        if self.method.takes_training:
-            return {"inputs": inputs, "training": training}
-        return {"inputs": inputs}
-
     def _init(self, rng, inputs):
+        args, kwargs = method_arguments(self.method, inputs, False)
         return self.module.init(
-            _split_keys(rng, self.init_streams),
-            method=self.method.fn,
-            **self._kwargs(inputs, False),
+            _split_keys(rng, self.init_streams), *args, method=self.method.fn, **kwargs
         )
 
     def _apply(self, variables, rngs, inputs, training):
+        args, kwargs = method_arguments(self.method, inputs, training)
         return self.module.apply(
             variables,
+            *args,
             rngs=rngs,
             method=self.method.fn,
             mutable=nn.DenyList("params"),
-            **self._kwargs(inputs, training),
+            **kwargs,
         )
 
     def _discover_streams(self, variables, inputs, training):

@@ -23,6 +23,8 @@ class Method:
     kind: str
     name: str | None
     takes_training: bool
+    #: A method with only `*args` (e.g. nnx.bridge wrappers): inputs are passed positionally.
+    positional: bool = False
 
 
 def resolve_method(module: Any, method: Any, *, owner: str) -> Method:
@@ -61,10 +63,24 @@ def resolve_method(module: Any, method: Any, *, owner: str) -> Method:
             f"{owner}: method must be None, a method name, a bound method of the module, or a "
             f"function taking `module` first; got {type(method).__name__}: {method!r}."
         )
+    rest = _parameters(fn, owner)[1:]
+    if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in rest) and not any(
+        p.name in METHOD_ARGUMENTS for p in rest
+    ):
+        return Method(fn=fn, kind=kind, name=name, takes_training=False, positional=True)
     names = check_arguments(
         fn, owner=owner, role="method", allowed=METHOD_ARGUMENTS, skip_first=True
     )
     return Method(fn=fn, kind=kind, name=name, takes_training="training" in names)
+
+
+def method_arguments(method: Method, inputs, training) -> tuple[tuple, dict]:
+    """The (args, kwargs) to call `method.fn(module, *args, **kwargs)` with."""
+    if method.positional:
+        return (inputs,), {}
+    if method.takes_training:
+        return (), {"inputs": inputs, "training": training}
+    return (), {"inputs": inputs}
 
 
 def _parameters(fn: Callable, owner: str) -> list[inspect.Parameter]:

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from flaxlayer._adapter import Adapter, raise_mismatches, shape_mismatches
-from flaxlayer._methods import resolve_method
+from flaxlayer._methods import method_arguments, resolve_method
 
 _DEFAULT_IMPL = "threefry2x32"
 
@@ -62,6 +62,8 @@ def _flat_values(state: nnx.State) -> dict:
 
 
 class NNXAdapter(Adapter):
+    init_uses_rng = False
+
     def __init__(self, module: nnx.Module, method: Any, *, owner: str):
         super().__init__(owner)
         self.method = resolve_method(module, method, owner=owner)
@@ -157,14 +159,10 @@ class NNXAdapter(Adapter):
 
     def apply(self, params, state, rng, inputs, training):
         module = self.module_from(params, state, rng)
-        kwargs = {"inputs": inputs}
-        if self.method.takes_training:
-            kwargs["training"] = training
-        elif training:
-            module.train()
-        else:
-            module.eval()
-        outputs = self.method.fn(module, **kwargs)
+        if not self.method.takes_training:
+            module.train() if training else module.eval()
+        args, kwargs = method_arguments(self.method, inputs, training)
+        outputs = self.method.fn(module, *args, **kwargs)
         flat = _flat_values(_split_state(module)[3])
         # Variables a call adds (sown intermediates) are not state: keep the known paths only.
         new_state = self._pick(flat, self.state_layout)

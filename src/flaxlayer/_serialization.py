@@ -6,10 +6,12 @@ by the JAX/Flax initializer factories). A class that defines `get_config`/`from_
 captured through those.
 
 What loading may do (the default, safe mode): look up, never import, Flax module classes in
-modules the process has already imported; look up functions only in flax, jax and numpy, in the
-Keras registry or `custom_objects`, or in the Python module of a Flax class being loaded; call
-only those classes' constructors and the JAX/Flax initializer factories. Lookups read module and
-class dictionaries directly, so no module `__getattr__` hook runs. Nothing is unpickled.
+modules the process has already imported; look up functions only among the numerical functions of
+flax, jax and numpy (activations, jax.numpy/lax math, numpy ufuncs; never their file I/O), in the
+Keras registry or `custom_objects`, or defined in the Python module of a Flax class being loaded;
+call only those classes' constructors and the JAX/Flax initializer factories. Lookups read a
+module's own dictionary (and class dictionaries below it) directly: no attribute hook runs and no
+path leads through one module into another. Nothing is unpickled.
 """
 
 import dataclasses
@@ -24,7 +26,39 @@ import keras
 import numpy as np
 
 TAG = "__flaxlayer__"
-TRUSTED_PACKAGES = ("flax", "jax", "jaxlib", "numpy")
+# Where safe loading may take a function from by module name alone: numerical code only.
+TRUSTED_FUNCTION_MODULES = (
+    "flax.linen",
+    "flax.nnx",
+    "jax.nn",
+    "jax._src.nn",
+    "jax.numpy",
+    "jax._src.numpy",
+    "jax.lax",
+    "jax._src.lax",
+    "jax.scipy",
+    "jax._src.scipy",
+    "jax.random",
+    "jax._src.random",
+)
+# Never resolved from those modules, whatever the file says: they read or write files.
+IO_NAMES = frozenset(
+    {
+        "load",
+        "loadtxt",
+        "save",
+        "savez",
+        "savez_compressed",
+        "savetxt",
+        "fromfile",
+        "tofile",
+        "genfromtxt",
+        "fromregex",
+        "memmap",
+        "open",
+        "tabulate",
+    }
+)
 INITIALIZER_FACTORY_MODULES = ("jax._src.nn.initializers", "flax.linen.initializers")
 SKIPPED_FIELDS = ("parent",)
 
@@ -60,23 +94,37 @@ def _ref(obj: Any) -> dict:
 
 
 def _lookup(module_name: str, qualname: str) -> Any:
-    """Reads `qualname` from an imported module's dictionaries; runs no attribute hooks."""
+    """Reads `qualname` from an imported module's own dictionary, then class dictionaries.
+
+    Runs no attribute hook, and never passes through a second module: "config.os.system" read
+    from some module is refused even where that module imported `os`.
+    """
     module = sys.modules.get(module_name)
-    if module is None:
+    if not isinstance(module, types.ModuleType):
         return None
-    obj: Any = module
-    for part in qualname.split("."):
-        if part.startswith("<"):
+    first, *rest = qualname.split(".")
+    obj = vars(module).get(first)
+    for part in rest:
+        if not isinstance(obj, type) or part.startswith("<"):
             return None
-        if isinstance(obj, types.ModuleType):
-            obj = vars(obj).get(part)
-        elif isinstance(obj, type):
-            obj = next((vars(c)[part] for c in obj.__mro__ if part in vars(c)), None)
-        else:
-            return None
-        if obj is None:
-            return None
+        obj = next((vars(c)[part] for c in obj.__mro__ if part in vars(c)), None)
+    if isinstance(obj, types.ModuleType) or first.startswith("<"):
+        return None
     return obj
+
+
+def _trusted_function(fn: Any, module_name: str, qualname: str) -> bool:
+    """A numerical function of flax, jax or numpy, named where it really lives."""
+    import numpy
+
+    if isinstance(fn, numpy.ufunc):
+        return _in_package(module_name, ("numpy", "jax.numpy"))
+    if qualname.rpartition(".")[2] in IO_NAMES:
+        return False
+    own_module = getattr(fn, "__module__", None) or ""
+    return _in_package(module_name, TRUSTED_FUNCTION_MODULES) and _in_package(
+        own_module, TRUSTED_FUNCTION_MODULES
+    )
 
 
 def _in_package(module_name: str, packages: tuple[str, ...]) -> bool:
@@ -201,7 +249,7 @@ class Encoder:
         if isinstance(value, functools.partial):
             return {
                 TAG: "partial",
-                "func": self.function(value.func, where),
+                "func": self.value(value.func, where),
                 "args": [self.value(v, where) for v in value.args],
                 "keywords": {k: self.value(v, where) for k, v in value.keywords.items()},
             }
@@ -381,6 +429,8 @@ class Decoder:
 
     def _decode_partial(self, data):
         func = self.value(data["func"])
+        if not callable(func):
+            raise self.fail("a functools.partial", f"Its function {func!r} is not callable.")
         args = [self.value(v) for v in data.get("args", [])]
         keywords = {k: self.value(v) for k, v in data.get("keywords", {}).items()}
         return functools.partial(func, *args, **keywords)
@@ -466,22 +516,33 @@ class Decoder:
         fn = keras.saving.get_registered_object(qualname)
         if callable(fn):
             return fn
-        trusted = _in_package(module_name, TRUSTED_PACKAGES) or module_name in self.class_modules
-        if self.safe and not trusted:
+        if self.safe and module_name not in sys.modules:
             raise self.fail(
                 f"function {module_name}.{qualname}",
-                "Safe loading only resolves functions from flax, jax and numpy, functions "
-                "registered with Keras or passed in custom_objects, and functions defined in the "
-                "Python module of a Flax module class being loaded. Register the function, pass "
-                "it in custom_objects, or pass safe_mode=False to load_model if you trust the "
-                "file.",
+                f"Its module is not imported, and safe loading never imports what a file names. "
+                f"Import {module_name!r} first, register the function, or pass it in "
+                "custom_objects.",
             )
         fn = _lookup(module_name, qualname)
         if not callable(fn) or isinstance(fn, type):
             raise self.fail(
                 f"function {module_name}.{qualname}",
-                "It was not found in the (already imported) module, or is not a function. "
-                "Import the module that defines it before loading.",
+                "It is not a function defined there. Import the module that defines it "
+                "before loading, register it, or pass it in custom_objects.",
+            )
+        defined_by_class_module = (
+            module_name in self.class_modules and getattr(fn, "__module__", None) == module_name
+        )
+        if self.safe and not (
+            defined_by_class_module or _trusted_function(fn, module_name, qualname)
+        ):
+            raise self.fail(
+                f"function {module_name}.{qualname}",
+                "Safe loading only resolves the numerical functions of flax, jax and numpy, "
+                "functions registered with Keras or passed in custom_objects, and functions "
+                "defined in the Python module of a Flax module class being loaded. Register the "
+                "function, pass it in custom_objects, or pass safe_mode=False to load_model if "
+                "you trust the file.",
             )
         return fn
 

@@ -10,8 +10,17 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import keras
 import numpy as np
+
+
+def in_stateless_scope() -> bool:
+    try:
+        from keras.src.backend.common.stateless_scope import in_stateless_scope as keras_fn
+    except ImportError:  # pragma: no cover - private Keras API moved
+        return False
+    return keras_fn()
 
 
 def key_name(key: Any) -> str:
@@ -57,15 +66,19 @@ def create_variables(
     prefix: tuple[str, ...],
     trainable: bool,
     dtype_for: Callable[[Any], Any],
+    copy: bool = False,
 ) -> list[keras.Variable]:
     """Creates one Keras variable per leaf, emptying `leaves` as it goes.
 
     Each slot of `leaves` is cleared as soon as its variable exists, so the caller's arrays are
-    never held twice (a 1 GiB model stays ~1 GiB while its variables are created).
+    never held twice (a 1 GiB model stays ~1 GiB while its variables are created). Without
+    `copy`, a variable takes over its array (Keras's JAX trainer donates variable buffers, so the
+    array must not be used elsewhere afterwards); with `copy`, each leaf is copied on its own.
     """
     variables = []
     seen: dict[tuple[str, ...], int] = {}
     on_jax = keras.backend.backend() == "jax"
+    deferred = in_stateless_scope()
     for i, parts in enumerate(paths):
         full = prefix + parts
         if not parts:
@@ -76,7 +89,10 @@ def create_variables(
                 "Give the tree's entries distinct names."
             )
         seen[full] = i
-        value = leaves[i] if on_jax else np.asarray(leaves[i])
+        if not on_jax:
+            value = np.array(leaves[i]) if copy else np.asarray(leaves[i])
+        else:
+            value = jnp.array(leaves[i], copy=True) if copy else leaves[i]
         leaves[i] = None
         dtype = dtype_for(value.dtype)
         floating = is_float_dtype(dtype)
@@ -85,7 +101,9 @@ def create_variables(
                 stack.enter_context(keras.name_scope(scope))
             variables.append(
                 keras.Variable(
-                    initializer=value,
+                    # Inside a stateless scope Keras only accepts a callable, run on scope exit.
+                    initializer=(lambda shape, dtype, v=value: v) if deferred else value,
+                    shape=tuple(value.shape) if deferred else None,
                     name=full[-1],
                     dtype=dtype,
                     trainable=trainable and floating,
