@@ -47,6 +47,10 @@ class Adapter:
         """Checks user-given initial values against `expected`; returns (params, state)."""
         raise NotImplementedError
 
+    def partition_specs(self) -> dict[tuple[str, ...], Any]:
+        """Flax sharding annotations: {path in the params/state tree: PartitionSpec}."""
+        return {}
+
 
 def shape_mismatches(expected: Any, given: Any, *, prefix: tuple[str, ...] = ()) -> list[str]:
     """Describes every path where `given` differs from `expected` in presence or shape."""

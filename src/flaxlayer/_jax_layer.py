@@ -10,6 +10,12 @@ import numpy as np
 
 from flaxlayer._adapter import SPEC_KEY, Adapter
 from flaxlayer._bridges import check_backend, compile_for_backend
+from flaxlayer._distribution import (
+    active_distribution,
+    backend_sharding,
+    current_scope_path,
+    variable_layouts,
+)
 from flaxlayer._functions import FunctionAdapter
 from flaxlayer._variables import create_variables, flatten_with_paths, is_float_dtype
 
@@ -183,8 +189,10 @@ class JaxLayer(keras.layers.Layer):
         # Keras may build inside its own symbolic trace (a subclassed model first seen by fit):
         # initial values must still be concrete arrays.
         given = core.initial is not None
+        owner = self._owner_name()
         with jax.ensure_compile_time_eval():
             expected = adapter.plan(inputs)
+            layouts = self._plan_layouts(expected)
             if given:
                 params, state = adapter.given(core.initial, expected)
             elif expected is None:
@@ -192,13 +200,17 @@ class JaxLayer(keras.layers.Layer):
             else:
                 rng = _as_key(self.seed_generator.next()) if adapter.init_uses_rng else None
                 zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), inputs)
-                params, state = adapter.init(rng, zeros)
+                init = adapter.init
+                if layouts and adapter.init_uses_rng:
+                    # Each leaf is created already sharded, never whole on one device.
+                    init = jax.jit(init, out_shardings=_sharding_trees(expected, layouts, adapter))
+                params, state = init(rng, zeros)
         core.initial = None  # the variables below now own these values
 
         p_leaves, p_paths, core.params_def = flatten_with_paths(params)
         s_leaves, s_paths, core.state_def = flatten_with_paths(state)
         del params, state
-        owner = self._owner_name()
+        layout_for = layouts.get if layouts else None
         core.param_vars = create_variables(
             p_leaves,
             p_paths,
@@ -207,6 +219,7 @@ class JaxLayer(keras.layers.Layer):
             trainable=True,
             dtype_for=self._variable_dtype_for,
             copy=given,  # the caller keeps what it passed; what init made is moved
+            layout_for=layout_for,
         )
         core.state_vars = create_variables(
             s_leaves,
@@ -216,6 +229,7 @@ class JaxLayer(keras.layers.Layer):
             trainable=False,
             dtype_for=self._variable_dtype_for,
             copy=given,
+            layout_for=layout_for,
         )
         for variable in core.param_vars + core.state_vars:
             self._track_variable(variable)
@@ -223,6 +237,31 @@ class JaxLayer(keras.layers.Layer):
         core.has_loss = dict(adapter.has_loss)
         core.pure = _make_pure(adapter, core.params_def, core.state_def, owner)
         core.run = compile_for_backend(core.pure, owner=owner)
+
+    def _plan_layouts(self, expected: Any) -> dict | None:
+        """{variable path parts: TensorLayout} under a keras.distribution, else None."""
+        distribution = active_distribution()
+        if distribution is None or expected is None:
+            return None
+        adapter = self._core.adapter
+        base = tuple(p for p in current_scope_path().split("/") if p)
+        parts, shapes = [], []
+        for tree, prefix in (
+            (expected[0], adapter.params_prefix),
+            (expected[1], adapter.state_prefix),
+        ):
+            leaves, paths, _ = flatten_with_paths(tree)
+            parts += [prefix + p for p in paths]
+            shapes += [tuple(leaf.shape) for leaf in leaves]
+        specs = {"/".join(base + k): v for k, v in adapter.partition_specs().items()}
+        layouts = variable_layouts(
+            distribution,
+            ["/".join(base + p) for p in parts],
+            shapes,
+            specs,
+            owner=self._owner_name(),
+        )
+        return dict(zip(parts, layouts, strict=True))
 
     def _variable_dtype_for(self, dtype: Any) -> Any:
         if self._policy_given and is_float_dtype(dtype):
@@ -387,6 +426,15 @@ class JaxLayer(keras.layers.Layer):
                 f"{self._owner_name()}: `{what}` exists once the layer is built. Call the layer "
                 "on inputs (or model.build / layer.build(input_shape)) first."
             )
+
+
+def _sharding_trees(expected: tuple[Any, Any], layouts: dict, adapter: Adapter) -> tuple:
+    """Out-shardings for `init`, shaped like its (params, state) result."""
+    trees = []
+    for tree, prefix in zip(expected, (adapter.params_prefix, adapter.state_prefix), strict=True):
+        _, paths, treedef = flatten_with_paths(tree)
+        trees.append(treedef.unflatten([backend_sharding(layouts[prefix + p]) for p in paths]))
+    return tuple(trees)
 
 
 def _dtype_name(x: Any) -> str:

@@ -16,6 +16,7 @@ from flax.core import meta
 
 from flaxlayer._adapter import SPEC_KEY, Adapter, raise_mismatches, shape_mismatches
 from flaxlayer._methods import method_arguments, resolve_method
+from flaxlayer._variables import flatten_with_paths
 
 SOWN_BY_CONVENTION = ("intermediates", "losses")
 LOSSES = "losses"
@@ -150,6 +151,16 @@ class LinenAdapter(Adapter):
         outputs, mutated = self._apply({**params, **state}, rngs, inputs, training)
         new_state = {c: mutated.get(c, state[c]) for c in state}
         return outputs, new_state, sum_losses(mutated.get(LOSSES, {}))
+
+    def partition_specs(self):
+        if self.boxed is None:
+            return {}
+        leaves, paths, _ = flatten_with_paths(self.boxed, is_leaf=_is_box)
+        return {
+            path: leaf.get_partition_spec()
+            for path, leaf in zip(paths, leaves, strict=True)
+            if _is_box(leaf) and hasattr(leaf, "get_partition_spec")
+        }
 
     def module_object(self, layer) -> nn.Module:
         return self.module

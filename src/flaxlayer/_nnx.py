@@ -80,6 +80,12 @@ class NNXAdapter(Adapter):
         ]
         uses_rng = any(kind == "key" for kind, _, _ in self.rng_leaves)
         self.needs_rng = {False: uses_rng, True: uses_rng}
+        self._specs = {
+            tuple(str(k) for k in path): nnx.spmd.get_var_pspec(var)
+            for state in (params, rest)
+            for path, var in state.flat_state()
+            if var.get_metadata().get("out_sharding")
+        }
         # Held until build, then handed to the Keras variables (never copied, never kept).
         self._arrays = (jax.tree.leaves(params), jax.tree.leaves(rest))
         self._abstract = (
@@ -130,6 +136,9 @@ class NNXAdapter(Adapter):
                     node = node.setdefault(key, {})
                 node[path[-1]] = flat[path]
         return pure
+
+    def partition_specs(self):
+        return self._specs
 
     def fresh_rngs(self, rng) -> nnx.State:
         leaves = []

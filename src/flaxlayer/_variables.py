@@ -67,6 +67,7 @@ def create_variables(
     trainable: bool,
     dtype_for: Callable[[Any], Any],
     copy: bool = False,
+    layout_for: Callable[[tuple[str, ...]], Any] | None = None,
 ) -> list[keras.Variable]:
     """Creates one Keras variable per leaf, emptying `leaves` as it goes.
 
@@ -108,6 +109,7 @@ def create_variables(
                     dtype=dtype,
                     trainable=trainable and floating,
                     autocast=floating,
+                    layout=layout_for(full) if layout_for is not None else None,
                 )
             )
         del value
