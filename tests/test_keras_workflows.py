@@ -1,0 +1,133 @@
+"""Point 11: fit/evaluate/predict options, callbacks, summary, .weights.h5 save/load."""
+
+import io
+
+import flax.linen as nn
+import keras
+import numpy as np
+import pytest
+
+from conftest import make_data
+from flaxlayer import FlaxLayer
+from models import MLP
+
+
+def _model(module=None, seed=None):
+    return keras.Sequential(
+        [keras.Input((3,)), FlaxLayer(module if module is not None else MLP(), seed=seed)]
+    )
+
+
+@pytest.mark.parametrize(
+    "compile_kwargs",
+    [{"jit_compile": False}, {"steps_per_execution": 2}, {"jit_compile": True}],
+    ids=["no_jit", "steps_per_execution", "jit"],
+)
+def test_fit_evaluate_predict_options(compile_kwargs):
+    x, y = make_data(n=16)
+    model = _model()
+    model.compile(
+        optimizer=keras.optimizers.Adam(0.01), loss="mse", metrics=["mae"], **compile_kwargs
+    )
+    history = model.fit(x, y, epochs=1, batch_size=8, verbose=0)
+    assert set(history.history) == {"loss", "mae"}
+    assert len(history.history["loss"]) == 1
+    assert all(np.isfinite(history.history["loss"]))
+    loss, mae = model.evaluate(x, y, batch_size=8, verbose=0)
+    assert np.isfinite(loss)
+    assert np.isfinite(mae)
+    pred = model.predict(x, batch_size=8, verbose=0)
+    assert pred.shape == (16, 2)
+    np.testing.assert_allclose(pred, model.predict(x, batch_size=8, verbose=0), rtol=1e-6)
+
+
+def test_training_reduces_loss():
+    g = np.random.default_rng(0)
+    x = g.normal(size=(64, 3)).astype("float32")
+    y = (x @ np.array([[1.0, -2.0], [0.5, 0.0], [0.0, 1.0]], "float32")).astype("float32")
+    model = _model(nn.Dense(2))
+    model.compile(optimizer=keras.optimizers.Adam(0.05), loss="mse")
+    history = model.fit(x, y, epochs=15, batch_size=16, verbose=0)
+    assert history.history["loss"][-1] < 0.5 * history.history["loss"][0]
+
+
+def test_custom_callback_sees_logs():
+    x, y = make_data(n=16)
+    epochs, batches = [], []
+
+    class Recorder(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            batches.append(dict(logs))
+
+        def on_epoch_end(self, epoch, logs=None):
+            epochs.append(dict(logs))
+
+    model = _model()
+    model.compile(optimizer="adam", loss="mse")
+    model.fit(
+        x, y, validation_data=(x, y), epochs=2, batch_size=8, verbose=0, callbacks=[Recorder()]
+    )
+    assert len(batches) == 4
+    assert len(epochs) == 2
+    assert {"loss", "val_loss"} <= set(epochs[0])
+    assert all(np.isfinite(e["val_loss"]) for e in epochs)
+
+
+def test_early_stopping():
+    x, y = make_data(n=16)
+    model = _model()
+    # Learning rate 0: the loss never improves by min_delta, so training stops early.
+    model.compile(optimizer=keras.optimizers.SGD(0.0), loss="mse")
+    stop = keras.callbacks.EarlyStopping(monitor="loss", patience=1, min_delta=10.0)
+    history = model.fit(x, y, epochs=20, batch_size=8, verbose=0, callbacks=[stop])
+    assert len(history.history["loss"]) < 20
+    assert stop.stopped_epoch > 0
+
+
+def test_summary_and_count_params():
+    layer = FlaxLayer(MLP(hidden=8, out=2))
+    model = keras.Sequential([keras.Input((3,)), layer])
+    # Dense 3->8 (32) + BatchNorm scale/bias (16) + Dense 8->2 (18) trainable;
+    # BatchNorm mean/var (16) non-trainable.
+    assert layer.count_params() == 32 + 16 + 18 + 16
+    assert model.count_params() == 82
+    assert sum(int(np.prod(w.shape)) for w in model.trainable_weights) == 66
+    assert sum(int(np.prod(w.shape)) for w in model.non_trainable_weights) == 16
+    out = io.StringIO()
+    model.summary(print_fn=lambda line, *a, **k: out.write(line + "\n"))
+    text = out.getvalue()
+    assert "FlaxLayer" in text
+    assert "Total params: 82" in text
+    assert "Trainable params: 66" in text
+    assert "Non-trainable params: 16" in text
+    assert "(None, 2)" in text
+
+
+def test_weights_h5_save_and_load_into_fresh_model(tmp_path):
+    x, y = make_data(n=16)
+    model = _model(seed=1)
+    model.compile(optimizer="adam", loss="mse")
+    model.fit(x, y, epochs=2, batch_size=8, verbose=0)
+    expected = model.predict(x, verbose=0)
+    path = tmp_path / "model.weights.h5"
+    model.save_weights(path)
+    assert path.exists()
+
+    keras.backend.clear_session(free_memory=False)
+    fresh = _model(seed=2)
+    assert not np.allclose(fresh.predict(x, verbose=0), expected)
+    fresh.load_weights(path)
+    np.testing.assert_allclose(fresh.predict(x, verbose=0), expected, rtol=1e-6, atol=1e-6)
+    fresh_layer = fresh.layers[0]
+    old_layer = model.layers[0]
+    np.testing.assert_array_equal(
+        keras.ops.convert_to_numpy(fresh_layer.state["batch_stats"]["BatchNorm_0"]["mean"]),
+        keras.ops.convert_to_numpy(old_layer.state["batch_stats"]["BatchNorm_0"]["mean"]),
+    )
+
+
+def test_get_set_weights_round_trip():
+    x = make_data(n=8)[0]
+    a, b = _model(seed=1), _model(seed=2)
+    b.set_weights(a.get_weights())
+    np.testing.assert_allclose(b.predict(x, verbose=0), a.predict(x, verbose=0), rtol=1e-6)

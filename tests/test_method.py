@@ -1,0 +1,144 @@
+"""Point 2: the `method` argument (None, bound method, name, function) and its errors."""
+
+import flax.linen as nn
+import jax.numpy as jnp
+import keras
+import numpy as np
+import pytest
+
+from flaxlayer import FlaxLayer
+from models import EncoderModule
+
+X = np.arange(6, dtype="float32").reshape(2, 3) / 6.0
+
+
+def _np(x):
+    return keras.ops.convert_to_numpy(x)
+
+
+def test_method_none_uses_call():
+    module = EncoderModule()
+    layer = FlaxLayer(module)
+    out = _np(layer(X))
+    assert out.shape == (2, 3)
+    np.testing.assert_allclose(out, np.asarray(module.apply(layer.flax_variables, X)), rtol=1e-6)
+
+
+@pytest.mark.parametrize("how", ["name", "bound"])
+def test_method_name_or_bound_method(how):
+    module = EncoderModule()
+    method = "encode" if how == "name" else module.encode
+    layer = FlaxLayer(module, method=method)
+    out = _np(layer(X))
+    assert out.shape == (2, 4)  # encode's output, not __call__'s (2, 3)
+    expected = module.apply(layer.flax_variables, X, method="encode")
+    np.testing.assert_allclose(out, np.asarray(expected), rtol=1e-6)
+    # Only the submodule encode uses was initialized.
+    assert set(layer.params["params"]) == {"enc"}
+
+
+def test_method_name_with_training():
+    module = EncoderModule()
+    layer = FlaxLayer(module, method="decode")
+    x = np.ones((2, 4), "float32")
+    inference = _np(layer(x))
+    training = _np(layer(x, training=True))
+    np.testing.assert_allclose(training - inference, 1.0, rtol=1e-6)
+
+
+def test_method_plain_function_taking_module():
+    def double_encode(module, inputs):
+        return module.encode(inputs) * 2.0
+
+    module = EncoderModule()
+    layer = FlaxLayer(module, method=double_encode)
+    out = _np(layer(X))
+    expected = 2.0 * np.asarray(module.apply(layer.flax_variables, X, method="encode"))
+    np.testing.assert_allclose(out, expected, rtol=1e-6)
+
+
+def test_method_function_with_training_any_order():
+    def fn(module, training, inputs):
+        return module.decode(inputs, training)
+
+    layer = FlaxLayer(EncoderModule(), method=fn)
+    x = np.ones((2, 4), "float32")
+    np.testing.assert_allclose(_np(layer(x, training=True)) - _np(layer(x)), 1.0, rtol=1e-6)
+
+
+def test_method_extra_argument_of_module_method_raises():
+    with pytest.raises(ValueError, match="scale") as info:
+        FlaxLayer(EncoderModule(), method="takes_extra", name="my_layer")
+    assert "my_layer" in str(info.value)
+
+
+def test_method_extra_argument_of_bound_method_raises():
+    module = EncoderModule()
+    with pytest.raises(ValueError, match="scale"):
+        FlaxLayer(module, method=module.takes_extra)
+
+
+def test_method_function_extra_argument_raises():
+    def fn(module, inputs, training, extra):
+        return module.encode(inputs)
+
+    with pytest.raises(ValueError, match="extra") as info:
+        FlaxLayer(EncoderModule(), method=fn, name="named_layer")
+    assert "named_layer" in str(info.value)
+
+
+def test_method_function_without_inputs_raises():
+    def fn(module, x):
+        return module.encode(x)
+
+    with pytest.raises(ValueError, match="`x`"):
+        FlaxLayer(EncoderModule(), method=fn)
+
+
+def test_call_without_inputs_argument_raises():
+    class BadCall(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(2)(x)
+
+    with pytest.raises(ValueError, match="`x`"):
+        FlaxLayer(BadCall())
+
+
+def test_method_function_first_argument_not_module_raises():
+    def fn(mod, inputs):
+        return mod.encode(inputs)
+
+    with pytest.raises(ValueError, match="module") as info:
+        FlaxLayer(EncoderModule(), method=fn, name="fn_layer")
+    message = str(info.value)
+    assert "mod" in message
+    assert "fn_layer" in message
+
+
+def test_unknown_method_name_raises():
+    with pytest.raises(ValueError, match="no_such_method") as info:
+        FlaxLayer(EncoderModule(), method="no_such_method", name="enc_layer")
+    message = str(info.value)
+    assert "enc_layer" in message
+    assert "encode" in message  # lists what is available
+
+
+def test_default_layer_name_in_error():
+    with pytest.raises(ValueError, match="FlaxLayer 'flax_layer'"):
+        FlaxLayer(EncoderModule(), method="no_such_method")
+
+
+def test_module_must_be_a_linen_module():
+    with pytest.raises((TypeError, ValueError), match="JaxLayer"):
+        FlaxLayer(lambda inputs: inputs)
+
+
+def test_call_taking_training_gets_it_call_without_does_not():
+    class NoTraining(nn.Module):
+        @nn.compact
+        def __call__(self, inputs):
+            return nn.Dense(2)(inputs) + jnp.float32(0.0)
+
+    layer = FlaxLayer(NoTraining())
+    assert _np(layer(X, training=True)).shape == (2, 2)
