@@ -100,7 +100,15 @@ class _JaxFunction(torch.autograd.Function):
 
 
 def _torch_dtype(dtype) -> torch.dtype:
-    return torch.from_dlpack(jnp.zeros((), dtype)).dtype
+    return getattr(torch, np.dtype(dtype).name)
+
+
+def _struct(tensor: torch.Tensor) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(tuple(tensor.shape), jnp.dtype(str(tensor.dtype).split(".")[-1]))
+
+
+def _on_meta(tensors) -> bool:
+    return any(t.device.type == "meta" for t in tensors)
 
 
 def compile_torch(pure: Callable, owner: str) -> Callable:
@@ -115,9 +123,24 @@ def compile_torch(pure: Callable, owner: str) -> Callable:
     fwd = jax.jit(forward_with_vjp, static_argnames=("training",))
     bwd = jax.jit(lambda vjp, cotangents: vjp(cotangents))
 
+    def symbolic(params, state, rng, inputs, training):
+        # Keras's torch backend infers shapes by calling layers on "meta" tensors (no data).
+        out = jax.eval_shape(
+            lambda p, s, r, x: pure(p, s, r, x, training),
+            [_struct(t) for t in params],
+            [_struct(t) for t in state],
+            None if rng is None else jax.ShapeDtypeStruct((2,), jnp.uint32),
+            jax.tree.map(_struct, inputs),
+        )
+        return jax.tree.map(
+            lambda s: torch.empty(s.shape, dtype=_torch_dtype(s.dtype), device="meta"), out
+        )
+
     def run(params, state, rng, inputs, training):
         flat_x, x_def = jax.tree.flatten(inputs)
         flat_x = [x if isinstance(x, torch.Tensor) else torch.as_tensor(x) for x in flat_x]
+        if _on_meta(flat_x) or _on_meta(params) or (rng is not None and _on_meta([rng])):
+            return symbolic(params, state, rng, x_def.unflatten(flat_x), training)
         rng_jax = None if rng is None else to_jax(rng, owner)
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (*params, *flat_x))
         if not needs_grad:

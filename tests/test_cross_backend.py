@@ -1,0 +1,90 @@
+"""A .keras file saved under one backend loads under every other with equal predictions and keeps
+training; bridge errors name the backend and the fix."""
+
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+from flax import nnx
+
+from backend_models import ConvBN, NNXNet
+from flaxlayer import FlaxLayer
+
+BACKENDS = ("jax", "tensorflow", "torch")
+
+LOAD = """
+import sys
+import numpy as np, keras
+sys.path.insert(0, {tests!r})
+import backend_models
+data = np.load({data!r})
+model = keras.saving.load_model({path!r})
+pred = keras.ops.convert_to_numpy(model.predict(data["x"], verbose=0))
+np.testing.assert_allclose(pred, data["pred"], atol=1e-5)
+before = [np.array(w) for w in model.get_weights()]
+model.fit(data["x"], data["y"], epochs=1, batch_size=4, verbose=0)
+changed = [not np.allclose(a, b) for a, b in zip(before, model.get_weights())]
+assert all(changed), changed
+print("LOADED OK", keras.backend.backend())
+"""
+
+
+def _model(kind):
+    if kind == "linen":
+        model = keras.Sequential([keras.Input((6, 6, 1)), FlaxLayer(ConvBN())])
+        x = np.random.default_rng(0).random((8, 6, 6, 1), dtype="float32")
+    else:
+        model = keras.Sequential([keras.Input((5,)), FlaxLayer(NNXNet(5, 3, rngs=nnx.Rngs(0)))])
+        x = np.random.default_rng(0).random((8, 5), dtype="float32")
+    y = np.random.default_rng(1).random((8, 3), dtype="float32")
+    return model, x, y
+
+
+@pytest.mark.parametrize("kind", ["linen", "nnx"])
+def test_keras_file_loads_under_every_other_backend(kind, tmp_path):
+    model, x, y = _model(kind)
+    model.compile(keras.optimizers.SGD(0.05), "mse")
+    model.fit(x, y, epochs=1, batch_size=4, verbose=0)
+    path = str(tmp_path / "model.keras")
+    model.save(path)
+    data = str(tmp_path / "data.npz")
+    pred = keras.ops.convert_to_numpy(model.predict(x, verbose=0))
+    np.savez(data, x=x, y=y, pred=pred)
+    tests = os.path.dirname(__file__)
+    for backend in BACKENDS:
+        if backend == keras.backend.backend():
+            continue
+        env = dict(os.environ, KERAS_BACKEND=backend)
+        result = subprocess.run(
+            [sys.executable, "-c", LOAD.format(tests=tests, data=data, path=path)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=400,
+        )
+        assert result.returncode == 0, f"{backend}: {result.stderr[-3000:]}"
+        assert f"LOADED OK {backend}" in result.stdout
+
+
+def test_torch_tensor_on_a_device_jax_cannot_see_gives_clear_error():
+    if keras.backend.backend() != "torch":
+        pytest.skip("the DLPack hand-off exists on the PyTorch backend only")
+    import types
+
+    import jax
+    import torch
+
+    from flaxlayer._bridges.torch import to_jax
+
+    if any(d.platform == "gpu" for d in jax.devices()):
+        pytest.skip("JAX sees a GPU here")
+    # No CUDA device exists on this machine: a stand-in tensor that claims to live on one.
+    on_gpu = types.SimpleNamespace(device=torch.device("cuda", 0))
+    with pytest.raises(RuntimeError) as info:
+        to_jax(on_gpu, "FlaxLayer 'flax_layer'")
+    message = str(info.value)
+    for part in ("FlaxLayer 'flax_layer'", "PyTorch backend", "cuda:0", "JAX cannot see", "CPU"):
+        assert part in message
