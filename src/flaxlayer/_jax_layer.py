@@ -1,5 +1,6 @@
 """JaxLayer: the engine every flaxlayer layer runs on."""
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -17,7 +18,12 @@ from flaxlayer._distribution import (
     variable_layouts,
 )
 from flaxlayer._functions import FunctionAdapter
-from flaxlayer._variables import create_variables, flatten_with_paths, is_float_dtype
+from flaxlayer._variables import (
+    create_variables,
+    flatten_with_paths,
+    in_stateless_scope,
+    is_float_dtype,
+)
 
 # Unknown dimensions are probed at two sizes to tell which output dimensions follow them.
 _PROBE_SIZES = (8, 12)
@@ -187,10 +193,12 @@ class JaxLayer(keras.layers.Layer):
         core.input_spec = spec
         inputs = _structs(spec, 1)
         # Keras may build inside its own symbolic trace (a subclassed model first seen by fit):
-        # initial values must still be concrete arrays.
+        # initial values must still be concrete there. Only there: op-by-op evaluation of the
+        # initializers costs time and memory.
         given = core.initial is not None
         owner = self._owner_name()
-        with jax.ensure_compile_time_eval():
+        concrete = jax.ensure_compile_time_eval if in_stateless_scope() else contextlib.nullcontext
+        with concrete():
             expected = adapter.plan(inputs)
             layouts = self._plan_layouts(expected)
             if given:
