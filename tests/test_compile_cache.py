@@ -4,8 +4,8 @@ Outside Keras's compiled steps, `layer(x)` runs a function compiled once per (in
 shapes/dtypes/structure, training). These tests count how often the wrapped model's Python code
 runs (and how often with tracers as inputs, i.e. traced) and how often JAX compiles, across
 repeated eager calls with the same signature and after a new input shape. A cached call runs no
-model Python at all; a model run op by op (no compilation) would run it on every call. They run on every Keras
-backend (`KERAS_BACKEND`): each bridge must cache per signature.
+model Python at all; a model run op by op (no compilation) would run it on every call. The tests
+run on every Keras backend (`KERAS_BACKEND`): each bridge must cache per signature.
 
 The first call on a fresh layer is not counted: building (`plan`, `init`) and Keras's own
 `compute_output_spec` trace the model several times by design.

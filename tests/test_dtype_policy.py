@@ -36,7 +36,7 @@ def test_layer_dtype_argument_symbolic(policy, compute):
     assert symbolic.dtype == compute
 
 
-class _Wrapper(keras.Model):
+class WrapperModel(keras.Model):
     """A subclassed model, built eagerly: exercises fit without a symbolic pass."""
 
     def __init__(self, layer, **kwargs):
@@ -50,7 +50,7 @@ class _Wrapper(keras.Model):
 def test_mixed_bfloat16_fit_eagerly_built_model():
     x, _ = make_data(n=16)
     layer = FlaxLayer(BatchNormModule(), dtype="mixed_bfloat16")
-    model = _Wrapper(layer)
+    model = WrapperModel(layer)
     model(x[:2])
     model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
     kernel = layer.params["params"]["Dense_0"]["kernel"]

@@ -55,7 +55,7 @@ def test_sequential_model():
     _fit_and_check(model, _x(), _y())
 
 
-class _Subclassed(keras.Model):
+class SubclassedModel(keras.Model):
     def __init__(self, module, **kwargs):
         super().__init__(**kwargs)
         self.body = FlaxLayer(module)
@@ -66,7 +66,7 @@ class _Subclassed(keras.Model):
 
 
 def test_subclassed_model_built_eagerly():
-    model = _Subclassed(MLP(3, 8, rngs=nnx.Rngs(0)))
+    model = SubclassedModel(MLP(3, 8, rngs=nnx.Rngs(0)))
     x, y = _x(), _y()
     model(x[:2])
     _fit_and_check(model, x, y)
@@ -76,7 +76,7 @@ def test_subclassed_model_built_eagerly():
 def test_subclassed_model_built_by_fit():
     module = MLP(3, 8, rngs=nnx.Rngs(0))
     initial = np.asarray(module.linear1.kernel.get_value()).copy()
-    model = _Subclassed(module)
+    model = SubclassedModel(module)
     model.compile(optimizer="adam", loss="mse")
     x, y = _x(), _y()
     history = model.fit(x, y, epochs=2, batch_size=8, verbose=0)  # builds the model

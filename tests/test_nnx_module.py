@@ -204,6 +204,8 @@ def test_batch_stats_change_and_params_train_in_fit():
 
 
 def test_module_arrays_are_moved_not_copied():
+    if keras.backend.backend() != "jax":
+        pytest.skip("variables share JAX buffers on the JAX backend; others hold their own tensors")
     module = MLP(3, 2, rngs=nnx.Rngs(0))
     expected = {
         "/".join(str(k) for k in path): var.get_value()

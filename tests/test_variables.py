@@ -170,7 +170,7 @@ def test_flax_variables_keep_partitioning_boxes():
     flax_vars = layer.flax_variables
     assert isinstance(flax_vars["params"]["kernel"], nn.Partitioned)
     assert flax_vars["params"]["kernel"].names == (None, "model")
-    np.testing.assert_allclose(np.asarray(module.apply(flax_vars, X)), out, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(module.apply(flax_vars, X)), out, rtol=1e-5, atol=1e-6)
     # The Keras variable itself holds the plain array.
     assert tuple(layer.params["params"]["kernel"].shape) == (3, 4)
 

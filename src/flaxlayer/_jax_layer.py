@@ -1,6 +1,7 @@
 """JaxLayer: the engine every flaxlayer layer runs on."""
 
 import contextlib
+import random
 from collections.abc import Callable
 from typing import Any
 
@@ -167,6 +168,9 @@ class JaxLayer(keras.layers.Layer):
         check_backend(self._owner_name())
         self.seed = seed
         self.seed_generator = keras.random.SeedGenerator(seed)
+        # The init key comes from Python, not from the generator's state: a build may run inside
+        # a TensorFlow graph or a torch meta trace, where that state has no value.
+        self._init_seed = seed if seed is not None else random.randint(1, 10**9)
         self._policy_given = kwargs.get("dtype") is not None or (
             keras.config.dtype_policy().name != "float32"
         )
@@ -206,7 +210,7 @@ class JaxLayer(keras.layers.Layer):
             elif expected is None:
                 params, state = {}, {}
             else:
-                rng = _as_key(self.seed_generator.next()) if adapter.init_uses_rng else None
+                rng = _init_key(self._init_seed) if adapter.init_uses_rng else None
                 zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), inputs)
                 init = adapter.init
                 if layouts and adapter.init_uses_rng:
@@ -473,8 +477,9 @@ def _spec_from_config(data: Any) -> Any:
     return None
 
 
-def _as_key(seed: Any) -> jax.Array:
-    return jnp.asarray(keras.ops.convert_to_numpy(seed)).astype(jnp.uint32)
+def _init_key(seed: int) -> jax.Array:
+    # Folded so that it never equals a per-call key drawn from SeedGenerator(seed).
+    return jax.random.fold_in(jax.random.PRNGKey(seed), 0x1417)
 
 
 def _make_pure(adapter: Adapter, params_def, state_def, owner: str) -> Callable:
