@@ -318,13 +318,8 @@ def test_linen_logical_partitioning_is_mapped_by_logical_axis_rules():
     assert isinstance(boxed, nn.LogicallyPartitioned)
     assert tuple(boxed.names) == ("embed", "mlp")
     # Training (outside the rules context: the layouts were fixed at build) matches one device.
-    distributed = (weights_of_after(model, x, y), model.predict(x, verbose=0), None)
-    assert_same_training(reference, distributed)
-
-
-def weights_of_after(model, x, y):
-    train(model, x, y)
-    return weights_of(model)
+    predictions = train(model, x, y)
+    assert_same_training(reference, (weights_of(model), predictions, None))
 
 
 def test_linen_flax_variables_are_boxed_again():
@@ -380,7 +375,7 @@ def test_nnx_sharding_metadata_becomes_the_layout(make_layer):
 
 
 def test_nnx_flax_variables_keep_sharding_metadata():
-    model, layer = build(_nnx_partitioned_eager_off, model_parallel())
+    _, layer = build(_nnx_partitioned_eager_off, model_parallel())
     state = layer.flax_variables
     assert isinstance(state, nnx.State)
     up = state["up"]["kernel"]

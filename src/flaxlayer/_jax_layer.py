@@ -247,7 +247,12 @@ class JaxLayer(keras.layers.Layer):
             self._track_variable(variable)
         core.needs_rng = dict(adapter.needs_rng)
         core.has_loss = dict(adapter.has_loss)
-        core.pure = _make_pure(adapter, core.params_def, core.state_def, owner)
+        mixed = self.autocast and self.compute_dtype != self.variable_dtype
+        state_casts = [
+            self.compute_dtype if mixed and is_float_dtype(v.dtype) else None
+            for v in core.state_vars
+        ]
+        core.pure = _make_pure(adapter, core.params_def, core.state_def, owner, state_casts)
         core.run = compile_for_backend(core.pure, owner=owner)
 
     def _plan_layouts(self, expected: Any) -> dict | None:
@@ -305,7 +310,7 @@ class JaxLayer(keras.layers.Layer):
         spec = _spec_of(inputs, self.compute_dtype)
         cast = self.autocast and self.compute_dtype != self.variable_dtype
         params = [self._struct_of(v, cast) for v in core.param_vars]
-        state = [self._struct_of(v, cast) for v in core.state_vars]
+        state = [self._struct_of(v, False) for v in core.state_vars]  # pure() casts state
         rng = SPEC_KEY if core.needs_rng[training] else None
 
         def probe(fill):
@@ -482,10 +487,11 @@ def _init_key(seed: int) -> jax.Array:
     return jax.random.fold_in(jax.random.PRNGKey(seed), 0x1417)
 
 
-def _make_pure(adapter: Adapter, params_def, state_def, owner: str) -> Callable:
+def _make_pure(adapter: Adapter, params_def, state_def, owner: str, state_casts) -> Callable:
     def pure(params, state, rng, inputs, training):
         if rng is not None:
             rng = rng.astype(jnp.uint32)
+        state = [x if c is None else x.astype(c) for x, c in zip(state, state_casts, strict=True)]
         outputs, new_state, loss = adapter.apply(
             params_def.unflatten(params), state_def.unflatten(state), rng, inputs, training
         )

@@ -108,7 +108,10 @@ def create_variables(
                     name=full[-1],
                     dtype=dtype,
                     trainable=trainable and floating,
-                    autocast=floating,
+                    # Keras autocasts params only. State is cast inside the compiled function
+                    # instead: torch's Variable.assign under an autocast scope writes into a
+                    # cast copy, and the update would be lost.
+                    autocast=floating and trainable,
                     layout=layout_for(full) if layout_for is not None else None,
                 )
             )

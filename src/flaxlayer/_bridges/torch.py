@@ -84,19 +84,24 @@ class _JaxFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        call = ctx.call
-        cotangents = []
-        for g, (shape, dtype) in zip(grads, ctx.avals, strict=True):
-            if not _is_float(dtype):
-                cotangents.append(np.zeros(shape, jax.dtypes.float0))
-            elif g is None:
-                cotangents.append(jnp.zeros(shape, dtype))
-            else:
-                cotangents.append(to_jax(g.to(_torch_dtype(dtype)), call.owner))
-        g_params, g_inputs = call.bwd(ctx.vjp, call.out_def.unflatten(cotangents))
-        grads_p = [to_torch(g) for g in g_params]
-        grads_x = [to_torch(g) if _is_float(g.dtype) else None for g in jax.tree.leaves(g_inputs)]
-        return (None, *grads_p, *([None] * call.n_state), *grads_x)
+        return _backward(ctx, grads)
+
+
+@torch.compiler.disable  # compiled backward graphs (jit_compile=True) must not trace into JAX
+def _backward(ctx, grads):
+    call = ctx.call
+    cotangents = []
+    for g, (shape, dtype) in zip(grads, ctx.avals, strict=True):
+        if not _is_float(dtype):
+            cotangents.append(np.zeros(shape, jax.dtypes.float0))
+        elif g is None:
+            cotangents.append(jnp.zeros(shape, dtype))
+        else:
+            cotangents.append(to_jax(g.to(_torch_dtype(dtype)), call.owner))
+    g_params, g_inputs = call.bwd(ctx.vjp, call.out_def.unflatten(cotangents))
+    grads_p = [to_torch(g) for g in g_params]
+    grads_x = [to_torch(g) if _is_float(g.dtype) else None for g in jax.tree.leaves(g_inputs)]
+    return (None, *grads_p, *([None] * call.n_state), *grads_x)
 
 
 def _torch_dtype(dtype) -> torch.dtype:
@@ -164,4 +169,6 @@ def compile_torch(pure: Callable, owner: str) -> Callable:
         outs = _JaxFunction.apply(call, *params, *state, *flat_x)
         return call.out_def.unflatten(list(outs))
 
-    return run
+    # Under torch.compile (Keras's jit_compile=True), dynamo cannot trace into JAX: it runs this
+    # call as it is (already compiled by XLA) and compiles the torch code around it.
+    return torch.compiler.disable(run)
