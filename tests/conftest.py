@@ -43,3 +43,13 @@ def make_data(n=16, in_dim=3, out_dim=2, seed=0):
 @pytest.fixture
 def data():
     return make_data()
+
+
+def to_numpy(x):
+    """Any backend's tensor (or a jax array) as a NumPy array."""
+    return np.asarray(keras.ops.convert_to_numpy(x))
+
+
+def normal_data(n=16, dim=3, seed=0):
+    """Standard-normal float32 data of shape (n, dim)."""
+    return np.random.default_rng(seed).normal(size=(n, dim)).astype("float32")

@@ -5,20 +5,18 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from conftest import normal_data
+from conftest import to_numpy as _np
 from flaxlayer import FlaxLayer
 from nnx_models import MLP, BNNet, NoiseNet, PytreeNet
 
 
-def _np(x):
-    return np.asarray(keras.ops.convert_to_numpy(x))
-
-
 def _x(n=16, dim=3, seed=0):
-    return np.random.default_rng(seed).normal(size=(n, dim)).astype("float32")
+    return normal_data(n, dim, seed)
 
 
 def _y(n=16, dim=2, seed=1):
-    return np.random.default_rng(seed).normal(size=(n, dim)).astype("float32")
+    return normal_data(n, dim, seed)
 
 
 def _changed(before, variables):
