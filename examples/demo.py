@@ -117,7 +117,7 @@ def main(argv=None) -> int:
     )
 
     if not args.small and accuracy < ACCURACY_THRESHOLD:
-        print(f"FAIL: test accuracy {100 * accuracy:.1f}% < {100 * ACCURACY_THRESHOLD:.0f}%")
+        print(f"FAIL: test accuracy {100 * accuracy:.1f}% < {100 * ACCURACY_THRESHOLD:g}%")
         return 1
     return 0
 

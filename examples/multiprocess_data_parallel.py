@@ -32,13 +32,17 @@ Try it on one machine (CPU only): two processes on the loopback address, each si
     python multiprocess_data_parallel.py --num-processes 1 --local-devices 1 --small \\
         --out /tmp/weights
 
-Each process writes `<out>/process_<id>_of_<n>.npz`: the final weights (by variable path) and
-the training loss history.
+Each process writes `<out>/process_<id>_of_<n>.npz`: the final weights (by variable path, e.g.
+`linen_model/mlp/params/Dense_0/kernel`), the loss per epoch (`linen_loss`), and how many
+devices and processes took part. `--models linen nnx` trains an NNX module too.
 """
 
 import argparse
 import os
 import sys
+
+MODELS = ("linen", "nnx")
+IN_DIM = 8
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -55,6 +59,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--out", default=None, help="directory for the .npz results")
     parser.add_argument("--small", action="store_true", help="tiny model and data, 2 epochs")
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        choices=MODELS,
+        default=["linen"],
+        help="which models to train, one after the other: a Linen and/or an NNX module",
+    )
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
 
@@ -64,7 +75,9 @@ def configure_environment(args: argparse.Namespace) -> None:
     os.environ.setdefault("KERAS_BACKEND", "jax")
     if args.local_devices is not None:
         flags = os.environ.get("XLA_FLAGS", "")
-        flags = " ".join(f for f in flags.split() if "xla_force_host_platform_device_count" not in f)
+        flags = " ".join(
+            f for f in flags.split() if "xla_force_host_platform_device_count" not in f
+        )
         os.environ["XLA_FLAGS"] = (
             f"{flags} --xla_force_host_platform_device_count={args.local_devices}".strip()
         )
@@ -85,17 +98,20 @@ def start_cluster(args: argparse.Namespace) -> None:
     )
 
 
-def make_model(small: bool):
+def make_model(kind: str, small: bool):
+    """Dense -> BatchNorm -> relu -> Dense, as a Linen or an NNX module in a FlaxLayer.
+
+    Under DataParallel, BatchNorm's statistics are those of the global batch.
+    """
     import flax.linen as nn
     import keras
+    from flax import nnx
 
     from flaxlayer import FlaxLayer
 
     hidden = 16 if small else 256
 
-    class MLP(nn.Module):
-        """Dense -> BatchNorm -> relu -> Dense: BatchNorm's statistics are global-batch ones."""
-
+    class LinenMLP(nn.Module):
         hidden: int
 
         @nn.compact
@@ -104,9 +120,21 @@ def make_model(small: bool):
             x = nn.BatchNorm(use_running_average=not training, momentum=0.5)(x)
             return nn.Dense(2)(nn.relu(x))
 
-    model = keras.Sequential(
-        [keras.Input((8,)), FlaxLayer(MLP(hidden), seed=1, name="mlp")], name="model"
-    )
+    class NNXMLP(nnx.Module):
+        def __init__(self, hidden: int, rngs: nnx.Rngs):
+            self.up = nnx.Linear(IN_DIM, hidden, rngs=rngs)
+            self.bn = nnx.BatchNorm(hidden, momentum=0.5, rngs=rngs)
+            self.down = nnx.Linear(hidden, 2, rngs=rngs)
+
+        def __call__(self, inputs):  # train/eval mode is set by FlaxLayer
+            return self.down(nnx.relu(self.bn(self.up(inputs))))
+
+    if kind == "linen":
+        layer = FlaxLayer(LinenMLP(hidden), seed=1, name="mlp")
+    else:
+        # Every process creates the same values (same seed); they are then replicated.
+        layer = FlaxLayer(NNXMLP(hidden, nnx.Rngs(1)), name="mlp")
+    model = keras.Sequential([keras.Input((IN_DIM,)), layer], name=f"{kind}_model")
     model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
     return model
 
@@ -117,7 +145,7 @@ def make_data(small: bool, seed: int):
 
     n = 64 if small else 4096
     g = np.random.default_rng(seed)
-    x = g.normal(size=(n, 8)).astype("float32")
+    x = g.normal(size=(n, IN_DIM)).astype("float32")
     y = np.stack([x[:, :4].sum(1), x[:, 4:].prod(1)], axis=1).astype("float32")
     return x, y
 
@@ -146,6 +174,29 @@ def local_part(array, rows: slice, global_batch: int):
     return np.ascontiguousarray(batches[:, rows].reshape(-1, *array.shape[1:]))
 
 
+def settings(small: bool) -> tuple[int, int]:
+    """(global batch size, epochs)."""
+    return (16, 2) if small else (256, 5)
+
+
+def train(kind: str, x, y, *, small: bool, batch_size: int, epochs: int):
+    """Builds and trains one model under the active distribution (if any).
+
+    Returns ({variable path: value}, loss per epoch). `batch_size` is per process.
+    """
+    import numpy as np
+
+    model = make_model(kind, small)
+    history = model.fit(x, y, batch_size=batch_size, epochs=epochs, shuffle=False, verbose=0)
+    weights = {}
+    for variable in model.weights:
+        value = variable.value
+        # Replicated on every device: this process's first shard is the whole value.
+        assert value.sharding.is_fully_replicated, variable.path
+        weights[variable.path] = np.asarray(value.addressable_data(0))
+    return weights, np.asarray(history.history["loss"])
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     configure_environment(args)
@@ -165,33 +216,34 @@ def main(argv=None) -> int:
         keras.distribution.set_distribution(distribution)
 
     x, y = make_data(args.small, args.seed)
-    global_batch = 16 if args.small else 256
-    epochs = 2 if args.small else 5
+    global_batch, epochs = settings(args.small)
+    batch_size = global_batch
     if distribution is not None and distribution.num_processes > 1:
         rows = process_rows(distribution, global_batch, x.shape[1:])
         x, y = local_part(x, rows, global_batch), local_part(y, rows, global_batch)
         batch_size = global_batch // distribution.num_processes
-    else:
-        batch_size = global_batch
 
-    model = make_model(args.small)
-    history = model.fit(x, y, batch_size=batch_size, epochs=epochs, shuffle=False, verbose=0)
-
-    weights = {}
-    for variable in model.weights:
-        value = variable.value
-        # Replicated on every device: this process's first shard is the whole value.
-        assert value.sharding.is_fully_replicated, variable.path
-        weights[variable.path] = np.asarray(value.addressable_data(0))
-    print(
-        f"process {jax.process_index()}/{jax.process_count()}: {len(devices)} devices "
-        f"({jax.local_device_count()} local), final loss {history.history['loss'][-1]:.6f}",
-        flush=True,
-    )
+    results = {}
+    for kind in args.models:
+        weights, losses = train(kind, x, y, small=args.small, batch_size=batch_size, epochs=epochs)
+        results.update(weights)
+        results[f"{kind}_loss"] = losses
+        print(
+            f"process {jax.process_index()}/{jax.process_count()}: {kind} model, "
+            f"{len(devices)} devices ({jax.local_device_count()} local), "
+            f"final loss {losses[-1]:.6f}",
+            flush=True,
+        )
     if args.out is not None:
         os.makedirs(args.out, exist_ok=True)
         path = os.path.join(args.out, f"process_{args.process_id}_of_{args.num_processes}.npz")
-        np.savez(path, loss=np.asarray(history.history["loss"]), **weights)
+        np.savez(
+            path,
+            num_devices=len(devices),
+            num_local_devices=jax.local_device_count(),
+            num_processes=jax.process_count(),
+            **results,
+        )
     if args.num_processes > 1:
         jax.distributed.shutdown()
     return 0

@@ -28,6 +28,14 @@ def _is_box(x: Any) -> bool:
     return isinstance(x, meta.AxisMetadata)
 
 
+def _partition_spec(box: Any) -> Any:
+    if isinstance(box, nn.LogicallyPartitioned):
+        # Logical names become mesh axes by the box's rules or the `nn.logical_axis_rules`
+        # in effect while the layer is built.
+        return jax.sharding.PartitionSpec(*nn.logical_to_mesh_axes(box.names, box.rules))
+    return box.get_partition_spec()
+
+
 def _split_keys(rng, streams: tuple[str, ...]):
     if not streams:
         return None
@@ -157,7 +165,7 @@ class LinenAdapter(Adapter):
             return {}
         leaves, paths, _ = flatten_with_paths(self.boxed, is_leaf=_is_box)
         return {
-            path: leaf.get_partition_spec()
+            path: _partition_spec(leaf)
             for path, leaf in zip(paths, leaves, strict=True)
             if _is_box(leaf) and hasattr(leaf, "get_partition_spec")
         }
