@@ -105,7 +105,7 @@ class _Sampler(threading.Thread):
         return self.peak
 
 
-def _measure(case: str, mode: str) -> dict:
+def _measure(case: str, mode: str, sample: bool = True) -> dict:
     import flax.linen as nn
     import jax
     import jax.numpy as jnp
@@ -149,13 +149,16 @@ def _measure(case: str, mode: str) -> dict:
 
     baseline = _rss_bytes()
     hwm_ok = _reset_peak()
-    sampler = _Sampler()
-    sampler.start()
+    # Without `sample` (for timing: the sampling thread takes the GIL every millisecond), the
+    # kernel's high-water mark alone gives the peak; the sampler still runs where it cannot.
+    sampler = _Sampler() if sample or not hwm_ok else None
+    if sampler is not None:
+        sampler.start()
     start = time.perf_counter()
     arrays, keep = build(Wide(), INPUT_SHAPE)
     jax.block_until_ready(arrays)
     seconds = time.perf_counter() - start
-    sampled_peak = sampler.finish()
+    sampled_peak = sampler.finish() if sampler is not None else None
     hwm_peak = _status_kib("VmHWM") * 1024
     after = _rss_bytes()
 
@@ -167,7 +170,7 @@ def _measure(case: str, mode: str) -> dict:
         "case": case,
         "mode": mode,
         "peak": (hwm_peak if hwm_ok else sampled_peak) - baseline,
-        "sampled_peak": sampled_peak - baseline,
+        "sampled_peak": None if sampled_peak is None else sampled_peak - baseline,
         "kept": after - baseline,
         "peak_source": "VmHWM" if hwm_ok else "sampled RSS",
         "seconds": seconds,
@@ -189,10 +192,11 @@ def _version(dist: str) -> str:
 # -------------------------------------------------------------------------- in the main process
 
 
-def _run(case: str, mode: str) -> dict:
+def _run(case: str, mode: str, sample: bool = True) -> dict:
+    """Measures one build in a fresh process (`benchmarks/run.py` calls this too)."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", KERAS_BACKEND="jax", TF_CPP_MIN_LOG_LEVEL="3")
     proc = subprocess.run(
-        [sys.executable, __file__, "--measure", case, mode],
+        [sys.executable, __file__, "--measure", case, mode, *([] if sample else ["--no-sample"])],
         env=env,
         capture_output=True,
         text=True,
@@ -229,6 +233,7 @@ def _table(summary: dict) -> list[str]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--measure", nargs=2, metavar=("CASE", "MODE"), help=argparse.SUPPRESS)
+    parser.add_argument("--no-sample", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--repeats", type=int, default=3, help="processes per (case, mode)")
     parser.add_argument("--no-write", action="store_true", help=f"do not write {RESULTS.name}")
     args = parser.parse_args(argv)
@@ -237,7 +242,7 @@ def main(argv=None) -> int:
         case, mode = args.measure
         if case not in CASES or mode not in MODES:
             parser.error(f"--measure takes one of {sorted(CASES)} and one of {MODES}")
-        print("RESULT " + json.dumps(_measure(case, mode)), flush=True)
+        print("RESULT " + json.dumps(_measure(case, mode, not args.no_sample)), flush=True)
         return 0
 
     print(
