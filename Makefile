@@ -64,11 +64,8 @@ test: lint pytest
 demo: venv
 	$(BIN)/python examples/demo.py
 
-# ours vs keras.layers.FlaxLayer vs hand-written Flax + Optax (fit, eager calls, build, backends);
-# writes benchmarks/results.md and results.png, fails if a performance target is missed.
-# BENCH_ARGS=--quick for a smoke test.
 bench: venv
-	$(BIN)/python benchmarks/run.py $(BENCH_ARGS)
+	$(BIN)/python benchmarks/build_memory.py
 
 clean:
 	rm -rf build src/*.egg-info .pytest_cache .ruff_cache
