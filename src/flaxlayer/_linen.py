@@ -113,6 +113,10 @@ class LinenAdapter(Adapter):
             variables = {c: abstract[c] for c in ("params", *candidates) if c in abstract}
             results = {}
             for training in (False, True):
+                if training and not self.method.takes_training:
+                    # The method never sees the flag: both modes run the same computation.
+                    self.streams[True], results[True] = self.streams[False], results[False]
+                    continue
                 self.streams[training], results[training] = self._discover_streams(
                     variables, inputs, training
                 )

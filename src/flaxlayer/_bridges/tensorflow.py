@@ -3,6 +3,9 @@
 Unknown dimensions become symbolic (shape polymorphism): the leading dimension of every input
 shares the symbol "batch", any other unknown dimension gets its own. Gradients flow through
 jax2tf's custom gradient (a `jax.vjp` of the same function).
+
+Eager calls (outside `tf.function`) run the converted function through a `tf.function` cached
+per signature: a converted function called eagerly exports the JAX function again every time.
 """
 
 from collections.abc import Callable
@@ -28,31 +31,31 @@ def _signature(inputs) -> tuple:
     return treedef, tuple((tuple(x.shape.as_list()), x.dtype.name) for x in leaves)
 
 
+def _convert(pure: Callable, training: bool, x_def, x_leaves) -> tuple[Callable, Callable]:
+    """(in-graph, eager) versions of the function for one input signature."""
+    poly_x = x_def.unflatten([_poly_shape(i, shape) for i, (shape, _) in enumerate(x_leaves)])
+    converted = jax2tf.convert(
+        lambda p, s, r, x: pure(p, s, r, x, training),
+        polymorphic_shapes=[None, None, None, poly_x],
+        with_gradient=True,
+    )
+    return converted, tf.function(converted, autograph=False)
+
+
 def compile_tensorflow(pure: Callable) -> Callable:
     converted: dict = {}
-
-    def convert(training: bool, has_rng: bool, inputs):
-        treedef, leaves = _signature(inputs)
-        key = (training, has_rng, treedef, leaves)
-        fn = converted.get(key)
-        if fn is None:
-            poly_inputs = treedef.unflatten(
-                [_poly_shape(i, shape) for i, (shape, _) in enumerate(leaves)]
-            )
-            fn = jax2tf.convert(
-                lambda p, s, r, x: pure(p, s, r, x, training),
-                polymorphic_shapes=[None, None, None, poly_inputs],
-                with_gradient=True,
-            )
-            converted[key] = fn
-        return fn
 
     @tf.autograph.experimental.do_not_convert
     def run(params, state, rng, inputs, training):
         inputs = jax.tree.map(tf.convert_to_tensor, inputs)
         if rng is not None:
             rng = tf.cast(rng, tf.int32)
-        fn = convert(training, rng is not None, inputs)
-        return fn(list(params), list(state), rng, inputs)
+        treedef, signature = _signature(inputs)
+        key = (training, rng is not None, treedef, signature)
+        fns = converted.get(key)
+        if fns is None:
+            fns = converted[key] = _convert(pure, training, treedef, signature)
+        # Eagerly, variables enter the tf.function as handles: it reads them in its graph.
+        return fns[tf.executing_eagerly()](list(params), list(state), rng, inputs)
 
     return run

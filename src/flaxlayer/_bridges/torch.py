@@ -35,6 +35,33 @@ def to_jax(tensor: torch.Tensor, owner: str) -> jax.Array:
     return jax.dlpack.from_dlpack(tensor)
 
 
+class _Views:
+    """JAX views of the layer's own tensors (params, state), remade only when a tensor changed.
+
+    A DLPack hand-off costs tens of microseconds per tensor; an eager `layer(x)` would pay it
+    for every variable on every call. A view is reused while its position holds the same tensor
+    with the same storage and in-place version counter (torch bumps it on every in-place write,
+    e.g. an optimizer step or `Variable.assign`).
+    """
+
+    def __init__(self, owner: str):
+        self.owner = owner
+        self.cache: dict[int, tuple] = {}
+
+    def __call__(self, tensors, offset: int = 0) -> list:
+        out = []
+        for i, t in enumerate(tensors, offset):
+            hit = self.cache.get(i)
+            version, pointer = t._version, t.data_ptr()
+            if hit is not None and hit[0] is t and hit[1] == version and hit[2] == pointer:
+                out.append(hit[3])
+                continue
+            array = to_jax(t, self.owner)
+            self.cache[i] = (t, version, pointer, array)
+            out.append(array)
+        return out
+
+
 def to_torch(array: jax.Array) -> torch.Tensor:
     return torch.from_dlpack(array)
 
@@ -55,6 +82,7 @@ class _Call:
         "owner",
         "rng",
         "training",
+        "views",
         "x_def",
     )
 
@@ -63,8 +91,8 @@ class _JaxFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, call: _Call, *tensors):
         n_p, n_s = call.n_params, call.n_state
-        params = [to_jax(t, call.owner) for t in tensors[:n_p]]
-        state = [to_jax(t, call.owner) for t in tensors[n_p : n_p + n_s]]
+        params = call.views(tensors[:n_p])
+        state = call.views(tensors[n_p : n_p + n_s], n_p)
         inputs = call.x_def.unflatten([to_jax(t, call.owner) for t in tensors[n_p + n_s :]])
         primals, vjp = call.fwd(params, state, call.rng, inputs, training=call.training)
         flat, call.out_def = jax.tree.flatten(primals)
@@ -118,6 +146,7 @@ def _on_meta(tensors) -> bool:
 
 def compile_torch(pure: Callable, owner: str) -> Callable:
     plain = jax.jit(pure, static_argnames=("training",))
+    views = _Views(owner)
 
     def forward_with_vjp(params, state, rng, inputs, training):
         def f(p, x):
@@ -150,8 +179,8 @@ def compile_torch(pure: Callable, owner: str) -> Callable:
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (*params, *flat_x))
         if not needs_grad:
             out = plain(
-                [to_jax(t, owner) for t in params],
-                [to_jax(t, owner) for t in state],
+                views(params),
+                views(state, len(params)),
                 rng_jax,
                 x_def.unflatten([to_jax(t, owner) for t in flat_x]),
                 training=training,
@@ -159,7 +188,13 @@ def compile_torch(pure: Callable, owner: str) -> Callable:
             jax.block_until_ready(out)
             return jax.tree.map(to_torch, out)
         call = _Call()
-        call.fwd, call.bwd, call.owner, call.training = fwd, bwd, owner, training
+        call.fwd, call.bwd, call.owner, call.training, call.views = (
+            fwd,
+            bwd,
+            owner,
+            training,
+            views,
+        )
         call.n_params, call.n_state, call.rng, call.x_def = (
             len(params),
             len(state),
