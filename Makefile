@@ -1,8 +1,9 @@
 # Developer and CI entry points. Everything runs from ./.venv, created on first use.
 #   make venv    create .venv and install the package with its dev extras (once)
-#   make test    ruff check + ruff format --check, then pytest once per Keras backend
+#   make test    ruff check + ruff format --check, the docs build, then pytest once per backend
+#   make docs    build the documentation site into site/ (mkdocs --strict, offline)
 #   make demo    train the seed's Flax CNN as a Keras layer on scikit-learn's digits
-#   make bench   peak memory while building over 1 GiB of params
+#   make bench   benchmarks vs keras.layers.FlaxLayer and Flax + Optax (fails if a target is missed)
 #   make lint    ruff check;  make format: ruff format + ruff check --fix
 
 PYTHON ?= python3
@@ -12,19 +13,19 @@ STAMP := $(VENV)/.installed
 # torch is installed alone first, pinned: this version is a CPU wheel on local disk; any other
 # one pulls a multi-GB CUDA build.
 TORCH := torch==2.13.0
-EXTRAS := dev,tensorflow,torch
+EXTRAS := dev,tensorflow,torch,docs
 
 # Keras backends the tests run under, each in its own pytest process.
 BACKENDS ?= jax tensorflow torch
 PYTEST_ARGS ?= -q -p no:cacheprovider
-LINT_PATHS := src tests examples benchmarks
+LINT_PATHS := src tests examples benchmarks docs
 
-.PHONY: all venv test pytest lint format demo bench clean help
+.PHONY: all venv test pytest lint format docs demo bench clean help
 
 all: test
 
 help:
-	@sed -n '2,6p' Makefile
+	@sed -n '2,7p' Makefile
 
 venv: $(STAMP)
 
@@ -59,14 +60,22 @@ pytest: venv
 	done; \
 	if [ -n "$$failed" ]; then echo "*** pytest failed for backend(s):$$failed"; exit 1; fi
 
-test: lint pytest
+# The site is built with --strict: any warning (a broken link, a docstring the API reference
+# cannot render) fails. NO_MKDOCS_2_WARNING silences mkdocs-material's notice about MkDocs 2.
+docs: venv
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
+
+test: lint docs pytest
 
 demo: venv
 	$(BIN)/python examples/demo.py
 
+# ours vs keras.layers.FlaxLayer vs hand-written Flax + Optax (fit, eager calls, build, backends);
+# writes benchmarks/results.md and results.png, fails if a performance target is missed.
+# BENCH_ARGS=--quick for a smoke test.
 bench: venv
-	$(BIN)/python benchmarks/build_memory.py
+	$(BIN)/python benchmarks/run.py $(BENCH_ARGS)
 
 clean:
-	rm -rf build src/*.egg-info .pytest_cache .ruff_cache
+	rm -rf build site src/*.egg-info .pytest_cache .ruff_cache
 	find . -name __pycache__ -type d -not -path './$(VENV)/*' -prune -exec rm -rf {} +

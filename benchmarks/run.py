@@ -50,6 +50,7 @@ import json
 import os
 import platform
 import queue
+import shutil
 import statistics
 import subprocess
 import sys
@@ -69,6 +70,8 @@ OPTAX_TARGET = 0.85
 BACKEND_TARGET = 1.3
 MEMORY_TARGET = build_memory.TARGET_RATIO
 SECTIONS = ("fit", "eager", "build", "backends")
+SNIPPET = "results"  # the section of results.md that docs/performance.md includes
+DOCS_CHART = HERE.parent / "docs" / "assets" / "results.png"
 BACKENDS = ("jax", "tensorflow", "torch")
 BACKEND_VARIANTS = ("ours/spe1", "native/spe1")
 FIT_VARIANTS = ("ours/spe1", "keras/spe1", "ours/spe32", "keras/spe32", "optax/step", "optax/scan")
@@ -610,6 +613,9 @@ def write_markdown(path: Path, chart: Path | None, analysis, config, sections, m
         f"Run {meta['started']} ({meta['elapsed'] / 60:.1f} min); machine: {_machine(meta)}",
         f"Load average (1 min) at start {meta['load'][0]:.2f}, at end {meta['load'][1]:.2f}.",
         "",
+        # The docs' Performance page includes what lies between these markers (pymdownx
+        # snippets); the chart link stays outside, since the page shows its own copy.
+        f"<!-- --8<-- [start:{SNIPPET}] -->",
         f"Each timing is the median over {config['repeats']} interleaved repeats (min-max in "
         "parentheses); ratios are taken within a repeat, then summarised. Every variant is "
         "compiled and warmed before the first repeat. Synthetic data, fixed seeds.",
@@ -623,8 +629,6 @@ def write_markdown(path: Path, chart: Path | None, analysis, config, sections, m
         "comparison varied by about 5% from run to run).",
         "",
     ]
-    if chart is not None:
-        text += [f"![benchmark chart]({chart.name})", ""]
     notes = {
         "fit": _fit_note(config),
         "eager": (
@@ -659,8 +663,11 @@ def write_markdown(path: Path, chart: Path | None, analysis, config, sections, m
             text += analysis["tables"][section] + [""]
     text += [
         f"Command: `{' '.join(['python benchmarks/run.py', *args])}`",
+        f"<!-- --8<-- [end:{SNIPPET}] -->",
         "",
     ]
+    if chart is not None:
+        text += [f"![benchmark chart]({chart.name})", ""]
     path.write_text("\n".join(text))
 
 
@@ -846,6 +853,8 @@ def main(argv=None) -> int:
         output.parent.mkdir(parents=True, exist_ok=True)
         chart = output.with_suffix(".png")
         drawn = draw_chart(chart, analysis, sections)
+        if drawn and output == HERE / "results.md":
+            shutil.copyfile(chart, DOCS_CHART)  # the chart the docs' Performance page shows
         write_markdown(
             output,
             chart if drawn else None,

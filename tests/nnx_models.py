@@ -238,3 +238,15 @@ def double_encode(module, inputs):
 
 def encode_training(module, training, inputs):
     return module.encode_with_training(inputs, training)
+
+
+class AttentionNet(nnx.Module):
+    """nnx.MultiHeadAttention: its LinearGeneral submodules hold FrozenDict attributes."""
+
+    def __init__(self, features: int = 4, *, rngs: nnx.Rngs):
+        self.attention = nnx.MultiHeadAttention(
+            num_heads=2, in_features=features, decode=False, rngs=rngs
+        )
+
+    def __call__(self, inputs):
+        return self.attention(inputs)

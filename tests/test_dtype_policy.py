@@ -1,6 +1,7 @@
 """Point 10: mixed precision policies keep float32 variables and compute in the policy dtype."""
 
 import flax.linen as nn
+import jax.numpy as jnp
 import keras
 import numpy as np
 import pytest
@@ -107,3 +108,19 @@ def test_float32_default_unchanged():
     out = layer(X)
     assert keras.backend.standardize_dtype(out.dtype) == "float32"
     assert _float_dtypes(layer) == {"float32"}
+
+
+def test_bfloat16_params_are_trainable_and_train():
+    # NumPy does not count bfloat16 as floating; the layer must still treat it as a param dtype.
+    layer = FlaxLayer(nn.Dense(2, param_dtype=jnp.bfloat16))
+    model = keras.Sequential([keras.Input((3,)), layer])
+    assert [w.path for w in layer.trainable_weights] == [
+        "sequential/flax_layer/params/bias",
+        "sequential/flax_layer/params/kernel",
+    ]
+    model.compile(optimizer=keras.optimizers.SGD(0.5), loss="mse")
+    x, y = make_data(n=16)
+    before = keras.ops.convert_to_numpy(layer.params["params"]["kernel"]).astype("float32")
+    model.fit(x, y, epochs=2, batch_size=8, verbose=0)
+    after = keras.ops.convert_to_numpy(layer.params["params"]["kernel"]).astype("float32")
+    assert not np.allclose(before, after)

@@ -3,6 +3,7 @@
 import io
 
 import flax.linen as nn
+import jax
 import keras
 import numpy as np
 import pytest
@@ -133,3 +134,26 @@ def test_get_set_weights_round_trip():
     a, b = _model(seed=1), _model(seed=2)
     b.set_weights(a.get_weights())
     np.testing.assert_allclose(b.predict(x, verbose=0), a.predict(x, verbose=0), rtol=1e-6)
+
+
+def test_flax_variables_are_snapshots_that_outlive_training():
+    # Keras's JAX trainer donates the variables' buffers to each compiled step: views of them
+    # would be deleted by the next fit/predict. flax_variables must stay usable and unchanged.
+    x, y = make_data(n=16)
+    model = _model(seed=0)
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    model.fit(x, y, epochs=1, batch_size=8, verbose=0)
+    layer = model.layers[0]
+    snapshot = layer.flax_variables
+    before = [np.array(leaf) for leaf in jax.tree.leaves(snapshot)]
+    expected = model.predict(x, verbose=0)
+
+    model.fit(x, y, epochs=2, batch_size=8, verbose=0)
+    model.predict(x, verbose=0)
+
+    after = [np.array(leaf) for leaf in jax.tree.leaves(snapshot)]
+    for a, b in zip(before, after, strict=True):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(MLP().apply(snapshot, x, training=False), expected, atol=1e-5)
+    current = [np.array(leaf) for leaf in jax.tree.leaves(layer.flax_variables)]
+    assert any(not np.array_equal(a, b) for a, b in zip(before, current, strict=True))

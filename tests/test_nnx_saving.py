@@ -272,3 +272,13 @@ def test_class_in_a_module_not_imported_is_not_imported(tmp_path, monkeypatch):
     assert "import" in str(info.value)
     assert "nnx_canary_never_imported" not in sys.modules
     assert not marker.exists()
+
+
+def test_attention_module_round_trip(tmp_path):
+    # MultiHeadAttention's LinearGeneral layers keep FrozenDict attributes (batch_axis).
+    model = keras.Sequential([keras.Input((5, 4)), FlaxLayer(nm.AttentionNet(rngs=nnx.Rngs(0)))])
+    x = np.random.default_rng(0).normal(size=(2, 5, 4)).astype("float32")
+    loaded = _save_load(model, tmp_path)
+    np.testing.assert_allclose(model.predict(x, verbose=0), loaded.predict(x, verbose=0), atol=1e-6)
+    layer = next(la for la in loaded.layers if isinstance(la, FlaxLayer))
+    assert isinstance(layer.module.attention, nnx.MultiHeadAttention)

@@ -32,7 +32,7 @@ class FlaxLayer(JaxLayer):
     `flax_layer/params/Dense_0/kernel`.
 
     Args:
-        module: A `flax.linen.Module` instance.
+        module: A `flax.linen.Module` or a `flax.nnx.Module` instance.
         method: The method to call; see above.
         variables: The variables dict `module.init` returns (e.g. trained ones), used instead of
             initializing at build time. Checked against what the module creates.
@@ -60,15 +60,20 @@ class FlaxLayer(JaxLayer):
 
     @property
     def module(self) -> Any:
-        """The wrapped module. For NNX, once built: a module holding the layer's current values."""
+        """The wrapped module.
+
+        For NNX, once built: a new module holding a copy of the layer's current values (the
+        module passed in gave its arrays to the layer's variables).
+        """
         return self._core.adapter.module_object(self)
 
     @property
     def flax_variables(self) -> dict:
-        """The current values in the format `module.init` returns.
+        """A copy of the current values, in the format `module.init` returns.
 
         `module.apply(layer.flax_variables, x)` gives what the layer gives: train in Keras,
-        deploy in pure Flax.
+        deploy in pure Flax. The arrays are a snapshot: later training does not change them,
+        and they stay valid after it.
         """
         self._check_built("flax_variables")
         return self._core.adapter.export(*self._values())

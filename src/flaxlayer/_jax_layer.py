@@ -12,6 +12,7 @@ import numpy as np
 
 from flaxlayer._adapter import SPEC_KEY, Adapter
 from flaxlayer._bridges import check_backend, compile_for_backend
+from flaxlayer._describe import describe_layer
 from flaxlayer._distribution import (
     active_distribution,
     backend_sharding,
@@ -426,12 +427,65 @@ class JaxLayer(keras.layers.Layer):
         self._check_built("state")
         return self._core.state_def.unflatten(self._core.state_vars)
 
+    def describe(self, print_fn: Callable[[str], Any] | None = None) -> None:
+        """Prints the layer's variable tree as a table, one row per variable.
+
+        `model.summary()` shows the layer as one row; this is the view inside it that Flax users
+        get from `nn.tabulate`. Each row gives the Flax path (`params/Dense_0/kernel`,
+        `batch_stats/BatchNorm_0/mean`; for NNX the attribute path, `linear1/kernel`; for a
+        JaxLayer the pytree path under `params/` or `state/`), the shape, the dtype, whether the
+        variable is trainable (as in `layer.trainable_weights`: params are, state such as
+        `batch_stats` is not, and none are once `layer.trainable = False`) and its element
+        count. A last line gives the totals, with bytes, as `model.summary()` counts them.
+
+        Args:
+            print_fn: Called with each line of the table, as `model.summary(print_fn=...)` is.
+                Defaults to `print`. Pass `lines.append` to capture the table.
+
+        Returns:
+            None, like `model.summary()`.
+
+        Raises:
+            ValueError: if the layer is not built yet (call it once on inputs, or
+                `layer.build(input_shape)`).
+
+        Example:
+
+        >>> import flax.linen as nn, jax.numpy as jnp
+        >>> from flaxlayer import FlaxLayer
+        >>> class Net(nn.Module):
+        ...     @nn.compact
+        ...     def __call__(self, inputs, training):
+        ...         x = nn.Dense(4)(inputs)
+        ...         return nn.BatchNorm(use_running_average=not training)(x)
+        >>> layer = FlaxLayer(Net(), name="net")
+        >>> layer.build((None, 3))
+        >>> layer.describe()  # doctest: +NORMALIZE_WHITESPACE
+        FlaxLayer 'net' (Linen module Net)
+        path                          shape   dtype    trainable  count
+        ---------------------------------------------------------------
+        params/BatchNorm_0/bias       (4,)    float32  yes            4
+        params/BatchNorm_0/scale      (4,)    float32  yes            4
+        params/Dense_0/bias           (4,)    float32  yes            4
+        params/Dense_0/kernel         (3, 4)  float32  yes           12
+        batch_stats/BatchNorm_0/mean  (4,)    float32  no             4
+        batch_stats/BatchNorm_0/var   (4,)    float32  no             4
+        ---------------------------------------------------------------
+        Total: 32 params (128.00 B); trainable: 24 (96.00 B); non-trainable: 8 (32.00 B)
+        """
+        describe_layer(self, print_fn)
+
     def _values(self) -> tuple[Any, Any]:
+        """Copies of the current values as JAX arrays: snapshots the caller may keep.
+
+        Not views: Keras's JAX trainer donates the variables' buffers to each compiled step, so
+        an array shared with a variable is deleted by the next `fit`, `evaluate` or `predict`.
+        """
         core = self._core
         as_jax = [
             jnp.asarray(keras.ops.convert_to_numpy(v.value))
             if keras.backend.backend() != "jax"
-            else v.value
+            else jnp.copy(v.value)
             for v in core.param_vars + core.state_vars
         ]
         n = len(core.param_vars)

@@ -24,6 +24,7 @@ from typing import Any
 
 import keras
 import numpy as np
+from flax.core import FrozenDict
 
 TAG = "__flaxlayer__"
 # Where safe loading may take a function from by module name alone: numerical code only.
@@ -243,9 +244,9 @@ class Encoder:
             return {TAG: "tuple", "items": [self.value(v, where) for v in value]}
         if isinstance(value, list):
             return [self.value(v, where) for v in value]
-        if isinstance(value, dict):
+        if isinstance(value, (dict, FrozenDict)):
             items = [[self.value(k, where), self.value(v, where)] for k, v in value.items()]
-            return {TAG: "dict", "items": items}
+            return {TAG: "frozendict" if isinstance(value, FrozenDict) else "dict", "items": items}
         if isinstance(value, functools.partial):
             return {
                 TAG: "partial",
@@ -422,6 +423,9 @@ class Decoder:
 
     def _decode_dict(self, data):
         return {self._hashable(self.value(k)): self.value(v) for k, v in data["items"]}
+
+    def _decode_frozendict(self, data):
+        return FrozenDict(self._decode_dict(data))
 
     @staticmethod
     def _hashable(key):

@@ -32,10 +32,12 @@ def key_name(key: Any) -> str:
 
 
 def path_parts(keypath: Sequence[Any]) -> tuple[str, ...]:
-    # Haiku module names carry "/" ("mlp/~/linear_0"); Keras names may not.
+    # Haiku module names carry "/" ("mlp/~/linear_0"); Keras names may not. Haiku's "~" (a
+    # nested module's separator) is dropped: TensorFlow's optimizer slot names are scope names,
+    # which may not contain it.
     parts: list[str] = []
     for key in keypath:
-        parts.extend(p for p in key_name(key).split("/") if p)
+        parts.extend(p for p in key_name(key).split("/") if p and p != "~")
     return tuple(parts)
 
 
@@ -52,8 +54,9 @@ def flatten_with_paths(tree: Any, is_leaf: Callable | None = None):
 
 
 def is_float_dtype(dtype: Any) -> bool:
+    # jnp, not np: NumPy does not count bfloat16 (an ml_dtypes extension type) as floating.
     try:
-        return bool(np.issubdtype(np.dtype(dtype), np.floating))
+        return bool(jnp.issubdtype(np.dtype(dtype), jnp.floating))
     except TypeError:
         return False
 
