@@ -124,3 +124,26 @@ def test_bfloat16_params_are_trainable_and_train():
     model.fit(x, y, epochs=2, batch_size=8, verbose=0)
     after = keras.ops.convert_to_numpy(layer.params["params"]["kernel"]).astype("float32")
     assert not np.allclose(before, after)
+
+
+def test_inference_leaves_float32_state_exactly_as_it_was():
+    # Under mixed precision the module sees its BatchNorm statistics in float16; an inference
+    # call does not change them, so nothing is written back (writing back would round them).
+    layer = FlaxLayer(BatchNormModule(), dtype="mixed_float16")
+    layer.build((None, 3))
+    precise = np.full((4,), 0.1 + 1e-5, "float32")  # not representable in float16
+    for variable in layer.non_trainable_weights:
+        if "batch_stats" in variable.path:
+            variable.assign(precise)
+    layer(X)
+    layer(X, training=False)
+    for variable in layer.non_trainable_weights:
+        if "batch_stats" in variable.path:
+            np.testing.assert_array_equal(keras.ops.convert_to_numpy(variable), precise)
+    layer(X, training=True)  # training does update them
+    changed = [
+        not np.array_equal(keras.ops.convert_to_numpy(v), precise)
+        for v in layer.non_trainable_weights
+        if "batch_stats" in v.path
+    ]
+    assert all(changed)

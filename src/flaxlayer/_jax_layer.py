@@ -102,6 +102,10 @@ class _Core:
         self.run: Callable | None = None
         self.needs_rng = {False: False, True: False}
         self.has_loss = {False: False, True: False}
+        # Per training mode, the indices of the state leaves a call can change (learned at the
+        # first call in that mode): the compiled function returns only those, and only those
+        # are written back. BatchNorm statistics at inference, for instance, are never copied.
+        self.written: dict[bool, tuple[int, ...]] = {}
 
 
 @keras.saving.register_keras_serializable(package="flaxlayer")
@@ -253,7 +257,10 @@ class JaxLayer(keras.layers.Layer):
             self.compute_dtype if mixed and is_float_dtype(v.dtype) else None
             for v in core.state_vars
         ]
-        core.pure = _make_pure(adapter, core.params_def, core.state_def, owner, state_casts)
+        core.written = {}
+        core.pure = _make_pure(
+            adapter, core.params_def, core.state_def, owner, state_casts, core.written
+        )
         core.run = compile_for_backend(core.pure, owner=owner)
 
     def _plan_layouts(self, expected: Any) -> dict | None:
@@ -292,6 +299,9 @@ class JaxLayer(keras.layers.Layer):
         core = self._core
         training = bool(training)
         rng = self.seed_generator.next() if core.needs_rng[training] else None
+        written = core.written.get(training)
+        if written is None:
+            written = core.written[training] = self._written_state(training)
         outputs, new_state, loss = core.run(
             [v.value for v in core.param_vars],
             [v.value for v in core.state_vars],
@@ -299,20 +309,51 @@ class JaxLayer(keras.layers.Layer):
             inputs,
             training=training,
         )
-        for variable, value in zip(core.state_vars, new_state, strict=True):
-            variable.assign(value)
+        for index, value in zip(written, new_state, strict=True):
+            core.state_vars[index].assign(value)
         if core.has_loss[training]:
             self.add_loss(loss)
         return outputs
+
+    def _abstract_arguments(self, training: bool) -> tuple:
+        core = self._core
+        cast = self.autocast and self.compute_dtype != self.variable_dtype
+        params = [self._struct_of(v, cast) for v in core.param_vars]
+        state = [self._struct_of(v, False) for v in core.state_vars]  # pure() casts state
+        rng = SPEC_KEY if core.needs_rng[training] else None
+        return params, state, rng
+
+    def _written_state(self, training: bool) -> tuple[int, ...]:
+        """Indices of the state leaves a call in this mode may change (one abstract trace).
+
+        A leaf the module hands back untouched is its input variable itself in the traced
+        program, or under mixed precision that variable cast to the compute dtype (which
+        writing back would only round); any other operation on it counts as a change.
+        """
+        core = self._core
+        if not core.state_vars:
+            return ()
+        params, state, rng = self._abstract_arguments(training)
+        closed = jax.make_jaxpr(
+            lambda p, s, r, x: core.pure(p, s, r, x, training, all_state=True)[1]
+        )(params, state, rng, _structs(core.input_spec, 1))
+        state_in = closed.jaxpr.invars[len(params) : len(params) + len(state)]
+        cast_of = {
+            id(eqn.outvars[0]): eqn.invars[0]
+            for eqn in closed.jaxpr.eqns
+            if eqn.primitive.name == "convert_element_type"
+        }
+        return tuple(
+            i
+            for i, (out, var) in enumerate(zip(closed.jaxpr.outvars, state_in, strict=True))
+            if out is not var and cast_of.get(id(out)) is not var
+        )
 
     def compute_output_spec(self, inputs, training=None):
         core = self._core
         training = bool(training)
         spec = _spec_of(inputs, self.compute_dtype)
-        cast = self.autocast and self.compute_dtype != self.variable_dtype
-        params = [self._struct_of(v, cast) for v in core.param_vars]
-        state = [self._struct_of(v, False) for v in core.state_vars]  # pure() casts state
-        rng = SPEC_KEY if core.needs_rng[training] else None
+        params, state, rng = self._abstract_arguments(training)
 
         def probe(fill):
             return jax.eval_shape(
@@ -541,8 +582,16 @@ def _init_key(seed: int) -> jax.Array:
     return jax.random.fold_in(jax.random.PRNGKey(seed), 0x1417)
 
 
-def _make_pure(adapter: Adapter, params_def, state_def, owner: str, state_casts) -> Callable:
-    def pure(params, state, rng, inputs, training):
+def _make_pure(
+    adapter: Adapter, params_def, state_def, owner: str, state_casts, written: dict
+) -> Callable:
+    """The layer as one pure function of flat variable lists.
+
+    Returns (outputs, new state leaves, summed sown losses); the new state leaves are those in
+    `written[training]` once that is known (all of them with `all_state=True`).
+    """
+
+    def pure(params, state, rng, inputs, training, all_state=False):
         if rng is not None:
             rng = rng.astype(jnp.uint32)
         state = [x if c is None else x.astype(c) for x, c in zip(state, state_casts, strict=True)]
@@ -556,6 +605,8 @@ def _make_pure(adapter: Adapter, params_def, state_def, owner: str, state_casts)
                 f"state has structure {state_def}. Return a new state with the same keys as "
                 "the state you were given."
             )
+        if not all_state and training in written:
+            leaves = [leaves[i] for i in written[training]]
         return outputs, leaves, loss
 
     return pure
