@@ -15,24 +15,10 @@ import jax.numpy as jnp
 import keras
 import pytest
 
+# The seed's first example lives in models.py; the serialization tests use it from here too.
+from models import MyFlaxModule  # noqa: F401
+
 # ----------------------------------------------------------------------------- point 1 modules
-
-
-class MyFlaxModule(nn.Module):
-    """The seed's first example, verbatim."""
-
-    @nn.compact
-    def __call__(self, inputs):
-        x = inputs
-        x = nn.Conv(features=32, kernel_size=(3, 3))(x)
-        x = nn.relu(x)
-        x = nn.avg_pool(x, window_shape=(2, 2), strides=(2, 2))
-        x = x.reshape((x.shape[0], -1))  # flatten
-        x = nn.Dense(features=200)(x)
-        x = nn.relu(x)
-        x = nn.Dense(features=10)(x)
-        x = nn.softmax(x)
-        return x
 
 
 class BatchNormNet(nn.Module):
