@@ -319,3 +319,48 @@ def test_layer_keeps_no_reference_to_given_variables():
     gc.collect()
     holders = [r for r in gc.get_referrers(given) if not inspect.isframe(r)]
     assert holders == [], "the layer still references the initial variables after build"
+
+
+class _ForwardProbe(nn.Module):
+    """Records every forward pass that is really computed (not just traced)."""
+
+    @nn.compact
+    def __call__(self, inputs):
+        out = nn.Dense(3)(inputs)
+        jax.debug.callback(lambda y: FORWARD_RUNS.append(y.shape), out)
+        return out
+
+
+class _DataDependentInit(nn.Module):
+    """A param whose initial value depends on the input values (data-dependent init)."""
+
+    @nn.compact
+    def __call__(self, inputs):
+        scale = self.param("scale", lambda rng: jnp.mean(inputs, axis=0) + 1.0)
+        return inputs * scale
+
+
+FORWARD_RUNS: list = []
+
+
+def test_build_computes_the_variables_without_running_the_forward_pass():
+    FORWARD_RUNS.clear()
+    layer = FlaxLayer(_ForwardProbe(), seed=3)
+    layer.build((None, 4))
+    jax.effects_barrier()
+    assert FORWARD_RUNS == []
+    assert [v.path for v in layer.weights if "seed" not in v.path] == [
+        "flax_layer/params/Dense_0/bias",
+        "flax_layer/params/Dense_0/kernel",
+    ]
+    # The probe works: a plain module.init computes the forward pass on its inputs.
+    _ForwardProbe().init(jax.random.key(0), jnp.zeros((1, 4)))
+    jax.effects_barrier()
+    assert FORWARD_RUNS == [(1, 3)]
+
+
+def test_data_dependent_init_still_builds_on_zeros():
+    layer = FlaxLayer(_DataDependentInit())
+    layer.build((None, 3))
+    scale = keras.ops.convert_to_numpy(layer.params["params"]["scale"])
+    np.testing.assert_array_equal(scale, np.ones(3, "float32"))

@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 import keras
 import numpy as np
+from flax import errors as flax_errors
+from flax.core import partial_eval
 
 from flaxlayer._adapter import SPEC_KEY, Adapter
 from flaxlayer._bridges import check_backend, compile_for_backend
@@ -216,12 +218,14 @@ class JaxLayer(keras.layers.Layer):
                 params, state = {}, {}
             else:
                 rng = _init_key(self._init_seed) if adapter.init_uses_rng else None
-                zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), inputs)
-                init = adapter.init
                 if layouts and adapter.init_uses_rng:
                     # Each leaf is created already sharded, never whole on one device.
-                    init = jax.jit(init, out_shardings=_sharding_trees(expected, layouts, adapter))
-                params, state = init(rng, zeros)
+                    init = jax.jit(
+                        adapter.init, out_shardings=_sharding_trees(expected, layouts, adapter)
+                    )
+                    params, state = init(rng, _zeros(inputs))
+                else:
+                    params, state = _init_without_forward(adapter.init, rng, inputs)
         core.initial = None  # the variables below now own these values
 
         p_leaves, p_paths, core.params_def = flatten_with_paths(params)
@@ -575,6 +579,25 @@ def _spec_from_config(data: Any) -> Any:
     if "tuple" in data:
         return tuple(_spec_from_config(v) for v in data["tuple"])
     return None
+
+
+def _zeros(structs: Any) -> Any:
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), structs)
+
+
+def _init_without_forward(init: Callable, rng: Any, inputs: Any) -> tuple[Any, Any]:
+    """`init(rng, inputs)` computing only the variables, not the forward pass around them.
+
+    An `init` runs the model on its inputs (Flax's `module.init`, Haiku's `init`); the variables
+    rarely depend on the input values. Given only the inputs' shapes, Flax's partial evaluation
+    computes what depends on the rng and constants, op by op as a plain `init` would (same
+    values, same peak memory), and skips the rest. A model whose variables do depend on the
+    input values is initialized the plain way, on zeros.
+    """
+    try:
+        return partial_eval.lazy_init(init)(rng, inputs)
+    except flax_errors.LazyInitError:
+        return init(rng, _zeros(inputs))
 
 
 def _init_key(seed: int) -> jax.Array:
