@@ -13,7 +13,7 @@ from flax import errors as flax_errors
 from flax.core import partial_eval
 
 from flaxlayer._adapter import SPEC_KEY, Adapter
-from flaxlayer._bridges import check_backend, compile_for_backend
+from flaxlayer._bridges import check_backend, compile_for_backend, outside_compiled_graphs
 from flaxlayer._describe import describe_layer
 from flaxlayer._distribution import (
     active_distribution,
@@ -108,6 +108,7 @@ class _Core:
         # first call in that mode): the compiled function returns only those, and only those
         # are written back. BatchNorm statistics at inference, for instance, are never copied.
         self.written: dict[bool, tuple[int, ...]] = {}
+        self.learn_written: Callable[[bool], tuple[int, ...]] | None = None
 
 
 @keras.saving.register_keras_serializable(package="flaxlayer")
@@ -266,6 +267,7 @@ class JaxLayer(keras.layers.Layer):
             adapter, core.params_def, core.state_def, owner, state_casts, core.written
         )
         core.run = compile_for_backend(core.pure, owner=owner)
+        core.learn_written = outside_compiled_graphs(self._written_state)
 
     def _plan_layouts(self, expected: Any) -> dict | None:
         """{variable path parts: TensorLayout} under a keras.distribution, else None."""
@@ -305,7 +307,7 @@ class JaxLayer(keras.layers.Layer):
         rng = self.seed_generator.next() if core.needs_rng[training] else None
         written = core.written.get(training)
         if written is None:
-            written = core.written[training] = self._written_state(training)
+            written = core.written[training] = core.learn_written(training)
         outputs, new_state, loss = core.run(
             [v.value for v in core.param_vars],
             [v.value for v in core.state_vars],

@@ -41,3 +41,16 @@ def check_backend(owner: str) -> None:
     backend = keras.backend.backend()
     if backend not in SUPPORTED_BACKENDS:
         raise unsupported_backend(owner, backend)
+
+
+def outside_compiled_graphs(fn: Callable) -> Callable:
+    """`fn`, kept out of torch.compile's graphs on the PyTorch backend (dynamo cannot trace JAX).
+
+    Keras's `jit_compile=True` on torch compiles the model's call with dynamo; JAX work done in
+    `call` (not only the bridge's run) must run as plain Python there.
+    """
+    if keras.backend.backend() != "torch":
+        return fn
+    import torch
+
+    return torch.compiler.disable(fn)
