@@ -51,6 +51,10 @@ class Adapter:
         """Flax sharding annotations: {path in the params/state tree: PartitionSpec}."""
         return {}
 
+    def model_name(self) -> str:
+        """What the layer runs, for people: 'Linen module CNN', 'call_fn forward'."""
+        return ""
+
 
 def shape_mismatches(expected: Any, given: Any, *, prefix: tuple[str, ...] = ()) -> list[str]:
     """Describes every path where `given` differs from `expected` in presence or shape."""

@@ -6,10 +6,10 @@ NNX attribute path `linear1/kernel`, or for a JaxLayer the pytree path `params/w
 the dtype, whether Keras trains it, and its element count; then the totals.
 """
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import flax.linen as nn
 import jax.numpy as jnp
 import keras
 
@@ -48,7 +48,7 @@ def table_lines(layer: Any) -> list[str]:
         for parts, variable in zip(_paths(treedef, len(variables)), variables, strict=True):
             shape = tuple(int(d) for d in variable.shape)
             dtype = keras.backend.standardize_dtype(variable.dtype)
-            count = _product(shape)
+            count = math.prod(shape)
             trainable = id(variable) in trainable_ids
             totals[trainable][0] += count
             totals[trainable][1] += count * jnp.dtype(dtype).itemsize
@@ -83,36 +83,9 @@ def _paths(treedef: Any, n: int) -> list[tuple[str, ...]]:
     return paths
 
 
-def _product(shape: Sequence[int]) -> int:
-    count = 1
-    for d in shape:
-        count *= d
-    return count
-
-
 def _title(layer: Any) -> str:
-    what = _model_name(layer)
-    return f"{layer._owner_name()}" + (f" ({what})" if what else "")
-
-
-def _model_name(layer: Any) -> str | None:
-    """'Linen module CNN', 'NNX module MLP', 'call_fn forward', or None if unknown."""
-    adapter = layer._core.adapter
-    module = getattr(adapter, "module", None)
-    if isinstance(module, nn.Module):  # LinenAdapter keeps the module itself
-        return f"Linen module {type(module).__name__}"
-    graphdef = getattr(adapter, "graphdef", None)
-    if graphdef is not None:  # NNXAdapter
-        try:
-            cls = graphdef.nodes[0].type  # the root node of the module's graph
-        except (AttributeError, IndexError, TypeError):
-            return "NNX module"
-        return f"NNX module {getattr(cls, '__name__', cls)}"
-    call_fn = getattr(adapter, "call_fn", None)
-    if call_fn is not None:
-        name = getattr(call_fn, "__qualname__", None) or getattr(call_fn, "__name__", None)
-        return f"call_fn {name}" if name else None
-    return None
+    what = layer._core.adapter.model_name()
+    return layer._owner_name() + (f" ({what})" if what else "")
 
 
 def _format_table(rows: list[tuple[str, ...]]) -> list[str]:

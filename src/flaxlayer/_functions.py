@@ -63,6 +63,10 @@ class FunctionAdapter(Adapter):
             )
         return result
 
+    def model_name(self) -> str:
+        name = getattr(self.call_fn, "__qualname__", None) or getattr(self.call_fn, "__name__", "")
+        return f"call_fn {name}" if name else ""
+
     def plan(self, inputs):
         if self.init_fn is None:
             return None

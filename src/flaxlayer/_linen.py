@@ -174,6 +174,9 @@ class LinenAdapter(Adapter):
             if _is_box(leaf) and hasattr(leaf, "get_partition_spec")
         }
 
+    def model_name(self) -> str:
+        return f"Linen module {type(self.module).__name__}"
+
     def module_object(self, layer) -> nn.Module:
         return self.module
 

@@ -66,6 +66,7 @@ class NNXAdapter(Adapter):
 
     def __init__(self, module: nnx.Module, method: Any, *, owner: str):
         super().__init__(owner)
+        self.module_class = type(module)
         self.method = resolve_method(module, method, owner=owner)
         self._module: nnx.Module | None = module
         self.graphdef, params, rngs, rest = _split_state(module)
@@ -176,6 +177,9 @@ class NNXAdapter(Adapter):
         # Variables a call adds (sown intermediates) are not state: keep the known paths only.
         new_state = self._pick(flat, self.state_layout)
         return outputs, new_state, jnp.zeros((), jnp.float32)
+
+    def model_name(self) -> str:
+        return f"NNX module {self.module_class.__name__}"
 
     def module_object(self, layer) -> nnx.Module:
         if self._module is not None:

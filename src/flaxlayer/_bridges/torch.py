@@ -71,7 +71,7 @@ def _is_float(dtype) -> bool:
 
 
 class _Call:
-    """One call's bookkeeping, shared by forward and backward."""
+    """One call's bookkeeping, shared by forward and backward (`out_def` is set by forward)."""
 
     __slots__ = (
         "bwd",
@@ -85,6 +85,11 @@ class _Call:
         "views",
         "x_def",
     )
+
+    def __init__(self, fwd, bwd, owner, views, training, n_params, n_state, rng, x_def):
+        self.fwd, self.bwd, self.owner, self.views = fwd, bwd, owner, views
+        self.training, self.n_params, self.n_state = training, n_params, n_state
+        self.rng, self.x_def, self.out_def = rng, x_def, None
 
 
 class _JaxFunction(torch.autograd.Function):
@@ -187,20 +192,7 @@ def compile_torch(pure: Callable, owner: str) -> Callable:
             )
             jax.block_until_ready(out)
             return jax.tree.map(to_torch, out)
-        call = _Call()
-        call.fwd, call.bwd, call.owner, call.training, call.views = (
-            fwd,
-            bwd,
-            owner,
-            training,
-            views,
-        )
-        call.n_params, call.n_state, call.rng, call.x_def = (
-            len(params),
-            len(state),
-            rng_jax,
-            x_def,
-        )
+        call = _Call(fwd, bwd, owner, views, training, len(params), len(state), rng_jax, x_def)
         outs = _JaxFunction.apply(call, *params, *state, *flat_x)
         return call.out_def.unflatten(list(outs))
 
