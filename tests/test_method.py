@@ -87,33 +87,45 @@ def test_method_function_extra_argument_raises():
     assert "named_layer" in str(info.value)
 
 
-def test_method_function_without_inputs_raises():
-    def fn(module, x):
-        return module.encode(x)
+def test_method_function_inputs_argument_may_have_any_name():
+    """The first argument after the module receives the inputs, whatever its name."""
 
-    with pytest.raises(ValueError, match="`x`"):
-        FlaxLayer(EncoderModule(), method=fn)
+    def fn(m, x):
+        return m.encode(x)
+
+    layer = FlaxLayer(EncoderModule(), method=fn)
+    x = np.ones((2, 3), "float32")
+    out = layer(x)
+    expected = EncoderModule().apply(layer.flax_variables, x, method=EncoderModule.encode)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(expected), atol=1e-6)
 
 
-def test_call_without_inputs_argument_raises():
-    class BadCall(nn.Module):
+def test_call_with_x_and_train_arguments():
+    class RealCall(nn.Module):
         @nn.compact
-        def __call__(self, x):
-            return nn.Dense(2)(x)
+        def __call__(self, x, train: bool = True):
+            return nn.Dense(2)(x) + (1.0 if train else 0.0)
 
-    with pytest.raises(ValueError, match="`x`"):
-        FlaxLayer(BadCall())
+    layer = FlaxLayer(RealCall())
+    x = np.ones((2, 3), "float32")
+    inference = np.asarray(layer(x))
+    training = np.asarray(layer(x, training=True))
+    np.testing.assert_allclose(training - inference, np.ones((2, 2)), atol=1e-6)
 
 
-def test_method_function_first_argument_not_module_raises():
-    def fn(mod, inputs):
-        return mod.encode(inputs)
+def test_method_with_an_unfillable_argument_raises_with_the_wrapper_to_write():
+    class Masked(nn.Module):
+        @nn.compact
+        def __call__(self, x, mask, deterministic=True):
+            return nn.Dense(2)(x) * mask
 
-    with pytest.raises(ValueError, match="module") as info:
-        FlaxLayer(EncoderModule(), method=fn, name="fn_layer")
+    with pytest.raises(ValueError, match="`mask`") as info:
+        FlaxLayer(Masked(), name="masked")
     message = str(info.value)
-    assert "mod" in message
-    assert "fn_layer" in message
+    assert "masked" in message
+    assert "def call_masked(module, inputs, training=False):" in message
+    assert "x, mask = inputs" in message
+    assert "return module(x, mask, deterministic=not training)" in message
 
 
 def test_unknown_method_name_raises():

@@ -112,12 +112,15 @@ def test_method_with_an_extra_argument_raises_at_construction(how):
     assert "my_nnx_layer" in str(info.value)
 
 
-def test_method_without_inputs_argument_raises():
-    def wrong(module, x):
-        return module(x)
+def test_method_inputs_argument_may_have_any_name():
+    def call(m, x):
+        return m(x)
 
-    with pytest.raises(ValueError, match="`x`"):
-        FlaxLayer(MLP(3, 2, rngs=nnx.Rngs(0)), method=wrong)
+    module = MLP(3, 2, rngs=nnx.Rngs(0))
+    module.eval()
+    expected = np.asarray(module(np.ones((2, 3), "float32")))
+    layer = FlaxLayer(module, method=call)
+    np.testing.assert_allclose(np.asarray(layer(np.ones((2, 3), "float32"))), expected, atol=1e-6)
 
 
 def test_method_function_whose_first_argument_is_not_module_raises():

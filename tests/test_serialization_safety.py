@@ -10,14 +10,12 @@ errors and load nothing partially.
 """
 
 import contextlib
-import functools
 import os
 import subprocess
 import sys
 import uuid
 
 import jax
-import jax.numpy as jnp
 import keras
 import numpy as np
 import pytest
@@ -309,7 +307,7 @@ def test_partial_of_dangerous_function_never_runs(tmp_path, recorder):
     The first version accepted "jax._src.config" + "os.system" and ran the command 6 times
     while the model was built.
     """
-    _, path = _save(tmp_path, sm.Offset(make_offset=functools.partial(jnp.ones, (3,))))
+    _, path = _save(tmp_path, sm.Offset())  # the default partial is not written
 
     def edit(module):
         module["fields"]["make_offset"] = {

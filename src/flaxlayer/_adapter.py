@@ -43,8 +43,15 @@ class Adapter:
         """Returns (outputs, new_state, summed auxiliary losses)."""
         raise NotImplementedError
 
-    def given(self, initial: Any, expected: tuple[Any, Any] | None) -> tuple[Any, Any]:
-        """Checks user-given initial values against `expected`; returns (params, state)."""
+    def given(
+        self, initial: Any, expected: tuple[Any, Any] | None, inputs: Any
+    ) -> tuple[Any, Any]:
+        """Checks user-given initial values; returns (params, state).
+
+        `expected` is what `plan(inputs)` returned; values that differ from it are accepted
+        where the model can still be applied to them (a decode cache made for a longer
+        sequence than one call's inputs).
+        """
         raise NotImplementedError
 
     def partition_specs(self) -> dict[tuple[str, ...], Any]:
@@ -54,6 +61,10 @@ class Adapter:
     def model_name(self) -> str:
         """What the layer runs, for people: 'Linen module CNN', 'call_fn forward'."""
         return ""
+
+    def summary(self) -> str:
+        """The model's configuration in one line, for errors about a loaded file."""
+        return self.model_name()
 
 
 def shape_mismatches(expected: Any, given: Any, *, prefix: tuple[str, ...] = ()) -> list[str]:

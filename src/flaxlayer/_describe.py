@@ -13,7 +13,7 @@ from typing import Any
 import jax.numpy as jnp
 import keras
 
-from flaxlayer._variables import flatten_with_paths, format_path
+from flaxlayer._variables import format_path
 
 _HEADERS = ("path", "shape", "dtype", "trainable", "count")
 _RIGHT_ALIGNED = {"count"}
@@ -41,11 +41,11 @@ def table_lines(layer: Any) -> list[str]:
     rows = []
     totals = {True: [0, 0], False: [0, 0]}  # trainable -> [count, bytes]
     groups = (
-        (core.params_def, core.param_vars, adapter.params_prefix),
-        (core.state_def, core.state_vars, adapter.state_prefix),
+        (core.params_layout, core.param_vars, adapter.params_prefix),
+        (core.state_layout, core.state_vars, adapter.state_prefix),
     )
-    for treedef, variables, prefix in groups:
-        for parts, variable in zip(_paths(treedef, len(variables)), variables, strict=True):
+    for layout, variables, prefix in groups:
+        for parts, variable in zip(layout.paths, variables, strict=True):
             shape = tuple(int(d) for d in variable.shape)
             dtype = keras.backend.standardize_dtype(variable.dtype)
             count = math.prod(shape)
@@ -75,12 +75,6 @@ def table_lines(layer: Any) -> list[str]:
         f"non-trainable: {totals[False][0]:,} ({_readable(totals[False][1])})"
     )
     return lines
-
-
-def _paths(treedef: Any, n: int) -> list[tuple[str, ...]]:
-    """The path parts of each leaf of `treedef`, in the order the layer's variables follow."""
-    _, paths, _ = flatten_with_paths(treedef.unflatten(list(range(n))))
-    return paths
 
 
 def _title(layer: Any) -> str:

@@ -13,6 +13,8 @@ from typing import Any
 import keras
 from keras.distribution import ModelParallel, TensorLayout
 
+from flaxlayer._compat import current_path
+
 
 def active_distribution() -> Any:
     if keras.backend.backend() != "jax":
@@ -21,10 +23,6 @@ def active_distribution() -> Any:
 
 
 def current_scope_path() -> str:
-    try:
-        from keras.src.backend.common.name_scope import current_path
-    except ImportError:  # pragma: no cover - private Keras API moved
-        return ""
     return current_path()
 
 

@@ -6,9 +6,10 @@ import flax.linen as nn
 import keras
 from flax import nnx
 
+from flaxlayer import _compat
 from flaxlayer._jax_layer import JaxLayer
 from flaxlayer._linen import LinenAdapter
-from flaxlayer._methods import Method
+from flaxlayer._methods import Method, method_by_name
 from flaxlayer._nnx import NNXAdapter
 from flaxlayer._serialization import Decoder, Encoder, SerializationError
 
@@ -36,7 +37,8 @@ class FlaxLayer(JaxLayer):
         method: The method to call; see above.
         variables: The variables dict `module.init` returns (e.g. trained ones), used instead of
             initializing at build time. Checked against what the module creates.
-        **kwargs: Keras layer arguments (`name`, `dtype`, `trainable`, ...) and `seed`.
+        **kwargs: Keras layer arguments (`name`, `dtype`, `trainable`, ...), `seed` and
+            `native_serialization_platforms` (see `JaxLayer`).
 
     Example:
 
@@ -51,12 +53,14 @@ class FlaxLayer(JaxLayer):
 
     def __init__(self, module: Any, method: Any = None, variables: Any = None, **kwargs):
         seed = kwargs.pop("seed", None)
+        platforms = kwargs.pop("native_serialization_platforms", None)
         # FlaxLayer has no call_fn/init_fn of its own: it skips JaxLayer.__init__ and gives the
         # engine an adapter for the module instead.
         keras.layers.Layer.__init__(self, **kwargs)
         self.method = method
         self.call_fn = self.init_fn = None
-        self._setup(_adapter_for(module, method, self._owner_name()), variables, seed, kwargs)
+        adapter = _adapter_for(module, method, self._owner_name())
+        self._setup(adapter, variables, seed, platforms, kwargs)
 
     @property
     def module(self) -> Any:
@@ -65,6 +69,8 @@ class FlaxLayer(JaxLayer):
         For NNX, once built: a new module holding a copy of the layer's current values (the
         module passed in gave its arrays to the layer's variables).
         """
+        if _compat.called_by_keras_saving_walk():
+            return None
         return self._core.adapter.module_object(self)
 
     @property
@@ -75,68 +81,92 @@ class FlaxLayer(JaxLayer):
         deploy in pure Flax. The arrays are a snapshot: later training does not change them,
         and they stay valid after it.
         """
+        if _compat.called_by_keras_saving_walk():
+            return None
         self._check_built("flax_variables")
         return self._core.adapter.export(*self._values())
 
     def get_config(self) -> dict:
         """The layer's configuration; the module's is read from its dataclass fields.
 
-        Raises a ValueError naming the module class and field for a field that cannot be saved
-        (a lambda, a closure, an arbitrary object).
+        Raises `SerializationError` naming the module class and field for a value no loader
+        could rebuild (a lambda, a closure, an arbitrary object, a function a loader would not
+        trust), and warns when a class is defined in `__main__`.
         """
-        config = keras.layers.Layer.get_config(self)
+        config = JaxLayer.get_config(self)
+        for key in ("call_fn", "init_fn", "params", "state"):
+            config.pop(key, None)
+        module = self.module
         encoder = Encoder(self._owner_name())
         config.update(
-            module=encoder.module(self.module),
-            method=_method_to_config(self._core.adapter.method, encoder, type(self.module)),
-            seed=self.seed,
+            module=encoder.module(module),
+            method=_method_to_config(self._core.adapter.method, encoder, type(module)),
         )
+        encoder.finish()
         return config
 
     @classmethod
     def from_config(cls, config: dict) -> "FlaxLayer":
         config = dict(config)
-        decoder = Decoder(f"{cls.__name__} {config.get('name')!r}")
-        try:
-            module = decoder.decode(config.pop("module"))
-            method = _method_from_config(config.pop("method", None), module, decoder)
-        except KeyError as e:
+        owner = f"{cls.__name__} {config.get('name')!r}"
+        if "module" not in config:
             raise SerializationError(
-                f"{cls.__name__} {config.get('name')!r}: the config lacks {e}; the file is "
-                "damaged or was not written by flaxlayer."
-            ) from None
-        return super(JaxLayer, cls).from_config({**config, "module": module, "method": method})
+                f"{owner}: the config has no `module`; the file is damaged or was not written "
+                "by flaxlayer."
+            )
+        decoder = Decoder(owner)
+        module = decoder.decode_module(config.pop("module"))
+        method = _method_from_config(config.pop("method", None), module, decoder)
+        try:
+            layer = cls(module=module, method=method, **config)
+        except (TypeError, ValueError) as e:
+            raise SerializationError(f"{owner}: cannot rebuild the layer from the file: {e}") from e
+        layer._core.loading = True
+        return layer
 
 
 def _method_to_config(method: Method, encoder: Encoder, cls: type) -> dict:
     if method.kind == "function":
-        return {
-            "kind": "function",
-            "function": encoder.function(method.fn, f"{cls.__name__}.method"),
-        }
+        return {"kind": "function", "function": encoder.method_function(method.fn, cls)}
     return {"kind": method.kind, "name": method.name}
 
 
-def _method_from_config(data: dict | None, module: Any, decoder: Decoder) -> Any:
-    kind = (data or {}).get("kind", "call")
+def _method_from_config(data: Any, module: Any, decoder: Decoder) -> Any:
+    """None, a method name or a function; names are checked by the adapter at construction."""
+    path = ("method",)
+    if data is None:
+        return None
+    if not isinstance(data, dict) or data.get("kind") not in ("call", "name", "bound", "function"):
+        raise decoder.fail(path, f"{data!r} is not a method entry.")
+    kind = data["kind"]
     if kind == "call":
         return None
     if kind == "function":
-        return decoder.value(data["function"])
+        if set(data) != {"kind", "function"}:
+            raise decoder.fail(path, "a function method entry has the keys kind and function.")
+        return decoder.decode_method_function(data["function"], (*path, "function"))
     name = data.get("name")
-    if not isinstance(name, str) or (
-        not callable(vars(type(module)).get(name))
-        and not callable(getattr(type(module), name, None))
-    ):
-        raise decoder.fail(f"method {name!r}", f"{type(module).__name__} has no such method.")
-    return name if kind == "name" else getattr(module, name)
+    if set(data) != {"kind", "name"} or not isinstance(name, str):
+        raise decoder.fail(path, "a named method entry has the keys kind and name.")
+    cls = type(module)
+    if method_by_name(cls, name, _adapter_class(module, "").framework) is None:
+        raise decoder.fail(
+            (*path, "name"),
+            f"{name!r} is not a method {cls.__name__} defines (Flax's Module API such as "
+            "`init`, `apply` or `tabulate` is never called from a file).",
+        )
+    return getattr(module, name) if kind == "bound" else name
 
 
 def _adapter_for(module: Any, method: Any, owner: str):
+    return _adapter_class(module, owner)(module, method, owner=owner)
+
+
+def _adapter_class(module: Any, owner: str) -> type:
     if isinstance(module, nn.Module):
-        return LinenAdapter(module, method, owner=owner)
+        return LinenAdapter
     if isinstance(module, nnx.Module):
-        return NNXAdapter(module, method, owner=owner)
+        return NNXAdapter
     raise TypeError(
         f"{owner}: `module` must be a flax.linen.Module or flax.nnx.Module instance; got "
         f"{type(module).__module__}.{type(module).__qualname__}. For a plain JAX function or "

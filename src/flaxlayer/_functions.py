@@ -6,10 +6,10 @@ import jax
 import jax.numpy as jnp
 
 from flaxlayer._adapter import SPEC_KEY, Adapter, raise_mismatches, shape_mismatches
-from flaxlayer._signature import check_arguments, describe
+from flaxlayer._signature import bind, describe
 
-CALL_ARGUMENTS = ("params", "state", "rng", "inputs", "training")
-INIT_ARGUMENTS = ("rng", "inputs", "training")
+CALL_ROLES = ("params", "state", "rng")
+INIT_ROLES = ("rng",)
 
 
 class FunctionAdapter(Adapter):
@@ -31,34 +31,35 @@ class FunctionAdapter(Adapter):
         if init_fn is not None and not callable(init_fn):
             raise TypeError(f"{owner}: init_fn must be callable or None; got {init_fn!r}.")
         self.call_fn, self.init_fn = call_fn, init_fn
-        self.call_args = check_arguments(
-            call_fn, owner=owner, role="call_fn", allowed=CALL_ARGUMENTS
-        )
-        self.init_args = (
-            check_arguments(init_fn, owner=owner, role="init_fn", allowed=INIT_ARGUMENTS)
+        self.call_binding = bind(call_fn, owner=owner, role="call_fn", roles=CALL_ROLES)
+        self.init_binding = (
+            bind(init_fn, owner=owner, role="init_fn", roles=INIT_ROLES)
             if init_fn is not None
-            else ()
+            else None
         )
+        self.call_args = self.call_binding.roles
         self.uses_state = "state" in self.call_args
-        for name, given in (("params", has_params), ("state", has_state)):
-            if name in self.call_args and init_fn is None and not given:
-                raise ValueError(
-                    f"{owner}: call_fn {describe(call_fn)!r} takes `{name}`, but neither "
-                    f"`init_fn` nor `{name}=` was given, so there is nothing to start from. "
-                    f"Pass an init_fn that creates them, or initial values with `{name}=`."
-                )
+        takes = [name for name in ("params", "state") if name in self.call_args]
+        if takes and init_fn is None and not (has_params or has_state):
+            # As keras.layers.JaxLayer: with one of params/state given the other starts empty.
+            raise ValueError(
+                f"{owner}: `call_fn` {describe(call_fn)!r} takes "
+                f"{' and '.join(f'`{n}`' for n in takes)}, but `init_fn`, `params` and `state` "
+                "are all None, so there is nothing to start from. Pass an `init_fn` that "
+                "creates them, or initial values with `params=` (and `state=`)."
+            )
         uses_rng = "rng" in self.call_args
         self.needs_rng = {False: uses_rng, True: uses_rng}
 
     def _init_call(self, rng, inputs):
         # As keras.layers.JaxLayer does, and as Haiku's BatchNorm needs to create its averages.
-        values = {"rng": rng, "inputs": inputs, "training": True}
-        result = self.init_fn(*(values[name] for name in self.init_args))
+        args, kwargs = self.init_binding.arguments({"rng": rng, "inputs": inputs, "training": True})
+        result = self.init_fn(*args, **kwargs)
         if not self.uses_state:
             return result, {}
         if not (isinstance(result, tuple) and len(result) == 2):
             raise ValueError(
-                f"{self.owner}: call_fn takes `state`, so init_fn {describe(self.init_fn)!r} must "
+                f"{self.owner}: `call_fn` takes `state`, so `init_fn` {describe(self.init_fn)!r} must "
                 f"return a tuple (params, state); it returned {type(result).__name__}."
             )
         return result
@@ -75,7 +76,7 @@ class FunctionAdapter(Adapter):
     def init(self, rng, inputs):
         return self._init_call(rng, inputs)
 
-    def given(self, initial, expected):
+    def given(self, initial, expected, inputs):
         params, state = initial
         params = {} if params is None else params
         state = {} if state is None else state
@@ -101,19 +102,15 @@ class FunctionAdapter(Adapter):
         return params, state
 
     def apply(self, params, state, rng, inputs, training):
-        values = {
-            "params": params,
-            "state": state,
-            "rng": rng,
-            "inputs": inputs,
-            "training": training,
-        }
-        result = self.call_fn(*(values[name] for name in self.call_args))
+        args, kwargs = self.call_binding.arguments(
+            {"params": params, "state": state, "rng": rng, "inputs": inputs, "training": training}
+        )
+        result = self.call_fn(*args, **kwargs)
         if not self.uses_state:
             return result, state, jnp.zeros((), jnp.float32)
         if not (isinstance(result, tuple) and len(result) == 2):
             raise ValueError(
-                f"{self.owner}: call_fn {describe(self.call_fn)!r} takes `state`, so it must "
+                f"{self.owner}: `call_fn` {describe(self.call_fn)!r} takes `state`, so it must "
                 f"return a tuple (outputs, new_state); it returned {type(result).__name__}."
             )
         outputs, new_state = result

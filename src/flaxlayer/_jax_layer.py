@@ -12,8 +12,14 @@ import numpy as np
 from flax import errors as flax_errors
 from flax.core import partial_eval
 
+from flaxlayer import _compat
 from flaxlayer._adapter import SPEC_KEY, Adapter
-from flaxlayer._bridges import check_backend, compile_for_backend, outside_compiled_graphs
+from flaxlayer._bridges import (
+    check_backend,
+    compile_for_backend,
+    outside_compiled_graphs,
+    placeholder_for_loading,
+)
 from flaxlayer._describe import describe_layer
 from flaxlayer._distribution import (
     active_distribution,
@@ -22,13 +28,17 @@ from flaxlayer._distribution import (
     variable_layouts,
 )
 from flaxlayer._functions import FunctionAdapter
+from flaxlayer._serialization import SerializationError
+from flaxlayer._trust import Refused, dtype_from_name
 from flaxlayer._variables import (
+    TreeLayout,
     create_variables,
     flatten_with_paths,
-    in_stateless_scope,
     is_float_dtype,
 )
 
+_MAX_SPEC_DEPTH = 100
+_PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
 # Unknown dimensions are probed at two sizes to tell which output dimensions follow them.
 _PROBE_SIZES = (8, 12)
 
@@ -99,7 +109,18 @@ class _Core:
         self.input_spec: Any = None
         self.param_vars: list = []
         self.state_vars: list = []
-        self.params_def = self.state_def = None
+        self.params_layout: TreeLayout | None = None
+        self.state_layout: TreeLayout | None = None
+        # Loading a file: variables are created without values (`loading`), and take them from
+        # the weights file; used before that, they are initialized as a fresh build would be
+        # (`pending`). On torch, Keras reads every variable while it builds the model around
+        # the layer: they then hold untouched placeholders until the weights come
+        # (`placeholders`).
+        self.loading = False
+        self.pending = False
+        self.placeholders = False
+        self.build_args: tuple = ()
+        self.seed_generator: Any = None
         self.pure: Callable | None = None
         self.run: Callable | None = None
         self.needs_rng = {False: False, True: False}
@@ -132,6 +153,9 @@ class JaxLayer(keras.layers.Layer):
         params: Initial params (any pytree of arrays), used instead of `init_fn`'s.
         state: Initial state (any pytree of arrays), used instead of `init_fn`'s.
         seed: Seed for the keys passed as `rng` (and to `init_fn`).
+        native_serialization_platforms: Platforms (`"cpu"`, `"cuda"`, `"rocm"`, `"tpu"`) the
+            TensorFlow backend's conversion (jax2tf) and SavedModel export compile for;
+            default: the platform this process runs on.
         **kwargs: Keras layer arguments (`name`, `dtype`, `trainable`, ...).
 
     Example:
@@ -155,6 +179,7 @@ class JaxLayer(keras.layers.Layer):
         params: Any = None,
         state: Any = None,
         seed: int | None = None,
+        native_serialization_platforms: tuple[str, ...] | list[str] | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -167,15 +192,28 @@ class JaxLayer(keras.layers.Layer):
             owner=self._owner_name(),
         )
         initial = None if params is None and state is None else (params, state)
-        self._setup(adapter, initial, seed, kwargs)
+        self._setup(adapter, initial, seed, native_serialization_platforms, kwargs)
 
     def _owner_name(self) -> str:
         return f"{type(self).__name__} {self.name!r}"
 
-    def _setup(self, adapter: Adapter, initial: Any, seed: int | None, kwargs: dict) -> None:
-        check_backend(self._owner_name())
+    def _setup(
+        self, adapter: Adapter, initial: Any, seed: int | None, platforms: Any, kwargs: dict
+    ) -> None:
+        owner = self._owner_name()
+        check_backend(owner)
+        if seed is not None and not (isinstance(seed, int) and 0 <= seed < 2**32):
+            raise ValueError(f"{owner}: `seed` must be None or an int in [0, 2**32); got {seed!r}.")
         self.seed = seed
-        self.seed_generator = keras.random.SeedGenerator(seed)
+        if platforms is not None and (
+            isinstance(platforms, str) or not set(platforms) <= set(_PLATFORMS) or not platforms
+        ):
+            raise ValueError(
+                f"{owner}: `native_serialization_platforms` must be a non-empty sequence of "
+                f"{', '.join(repr(p) for p in _PLATFORMS)}; got {platforms!r}."
+            )
+        self.native_serialization_platforms = None if platforms is None else tuple(platforms)
+        seed_generator = keras.random.SeedGenerator(seed)
         # The init key comes from Python, not from the generator's state: a build may run inside
         # a TensorFlow graph or a torch meta trace, where that state has no value.
         self._init_seed = seed if seed is not None else random.randint(1, 10**9)
@@ -183,6 +221,9 @@ class JaxLayer(keras.layers.Layer):
             keras.config.dtype_policy().name != "float32"
         )
         self._core = _Core(adapter, initial)
+        # Tracked (saved, counted in `non_trainable_variables`) only once a build shows that
+        # the model draws keys: created here, outside any graph a build may run in.
+        self._core.seed_generator = seed_generator
 
     # ----------------------------------------------------------------------------------- build
 
@@ -193,6 +234,19 @@ class JaxLayer(keras.layers.Layer):
         return super().__call__(*args, **kwargs)
 
     def build(self, input_shape=None):
+        if not self._core.loading:
+            return self._build(input_shape)
+        try:
+            return self._build(input_shape)
+        except SerializationError:
+            raise
+        except Exception as e:  # the module a file configured cannot be built
+            raise SerializationError(
+                f"{self._owner_name()}: the module configured by the file cannot be built: "
+                f"{type(e).__name__}: {e}. The file configures: {self._core.adapter.summary()}"
+            ) from e
+
+    def _build(self, input_shape=None):
         core, adapter = self._core, self._core.adapter
         spec = core.input_spec
         if spec is None:
@@ -207,56 +261,35 @@ class JaxLayer(keras.layers.Layer):
         # Keras may build inside its own symbolic trace (a subclassed model first seen by fit):
         # initial values must still be concrete there. Only there: op-by-op evaluation of the
         # initializers costs time and memory.
-        given = core.initial is not None
-        owner = self._owner_name()
-        concrete = jax.ensure_compile_time_eval if in_stateless_scope() else contextlib.nullcontext
+        concrete = (
+            jax.ensure_compile_time_eval if _compat.in_stateless_scope() else contextlib.nullcontext
+        )
         with concrete():
             expected = adapter.plan(inputs)
             layouts = self._plan_layouts(expected)
-            if given:
-                params, state = adapter.given(core.initial, expected)
-            elif expected is None:
-                params, state = {}, {}
+            core.build_args = (expected, inputs, layouts)
+            if core.loading:
+                # Nothing sized by the file's config is allocated: the variables are created
+                # without values and take them from the weights file (`load_own_variables`).
+                trees = _abstract(core.initial if core.initial is not None else expected)
             else:
-                rng = _init_key(self._init_seed) if adapter.init_uses_rng else None
-                if layouts and adapter.init_uses_rng:
-                    # Each leaf is created already sharded, never whole on one device.
-                    init = jax.jit(
-                        adapter.init, out_shardings=_sharding_trees(expected, layouts, adapter)
-                    )
-                    params, state = init(rng, _zeros(inputs))
-                else:
-                    params, state = _init_without_forward(adapter.init, rng, inputs)
-        core.initial = None  # the variables below now own these values
-
-        p_leaves, p_paths, core.params_def = flatten_with_paths(params)
-        s_leaves, s_paths, core.state_def = flatten_with_paths(state)
-        del params, state
-        layout_for = layouts.get if layouts else None
-        core.param_vars = create_variables(
-            p_leaves,
-            p_paths,
-            owner=owner,
-            prefix=adapter.params_prefix,
-            trainable=True,
-            dtype_for=self._variable_dtype_for,
-            copy=given,  # the caller keeps what it passed; what init made is moved
-            layout_for=layout_for,
-        )
-        core.state_vars = create_variables(
-            s_leaves,
-            s_paths,
-            owner=owner,
-            prefix=adapter.state_prefix,
-            trainable=False,
-            dtype_for=self._variable_dtype_for,
-            copy=given,
-            layout_for=layout_for,
-        )
-        for variable in core.param_vars + core.state_vars:
-            self._track_variable(variable)
+                trees = self._initial_trees()
+        given = core.initial is not None
+        if not core.loading:
+            core.initial = None  # the variables below now own these values
+        core.params_layout, core.state_layout = TreeLayout(trees[0]), TreeLayout(trees[1])
+        del trees
+        if core.loading:
+            with keras.StatelessScope(initialize_variables=False):
+                self._create_variables(layouts, copy=False, pending=True)
+            _compat.forget_uninitialized(core.param_vars + core.state_vars)
+            core.pending = True
+        else:
+            self._create_variables(layouts, copy=given, pending=False)
         core.needs_rng = dict(adapter.needs_rng)
         core.has_loss = dict(adapter.has_loss)
+        if any(core.needs_rng.values()):
+            self.seed_generator = core.seed_generator
         mixed = self.autocast and self.compute_dtype != self.variable_dtype
         state_casts = [
             self.compute_dtype if mixed and is_float_dtype(v.dtype) else None
@@ -264,10 +297,98 @@ class JaxLayer(keras.layers.Layer):
         ]
         core.written = {}
         core.pure = _make_pure(
-            adapter, core.params_def, core.state_def, owner, state_casts, core.written
+            adapter, core.params_layout, core.state_layout, self._owner_name(), state_casts,
+            core.written,
         )
-        core.run = compile_for_backend(core.pure, owner=owner)
+        core.run = compile_for_backend(
+            core.pure, owner=self._owner_name(), platforms=self.native_serialization_platforms
+        )
         core.learn_written = outside_compiled_graphs(self._written_state)
+
+    def _initial_trees(self) -> tuple[Any, Any]:
+        """The (params, state) a fresh build starts from: given values or the model's init."""
+        core, adapter = self._core, self._core.adapter
+        expected, inputs, layouts = core.build_args
+        if core.initial is not None:
+            return adapter.given(core.initial, expected, inputs)
+        if expected is None:
+            return {}, {}
+        rng = _init_key(self._init_seed) if adapter.init_uses_rng else None
+        if layouts and adapter.init_uses_rng:
+            # Each leaf is created already sharded, never whole on one device.
+            init = jax.jit(adapter.init, out_shardings=_sharding_trees(expected, layouts, adapter))
+            return init(rng, _zeros(inputs))
+        return _init_without_forward(adapter.init, rng, inputs)
+
+    def _create_variables(self, layouts: dict | None, *, copy: bool, pending: bool) -> None:
+        core, adapter = self._core, self._core.adapter
+        owner = self._owner_name()
+        layout_for = layouts.get if layouts else None
+        created = []
+        for layout, prefix, trainable in (
+            (core.params_layout, adapter.params_prefix, True),
+            (core.state_layout, adapter.state_prefix, False),
+        ):
+            offset = len(created)
+            created.append(
+                create_variables(
+                    layout.take_leaves(),
+                    layout.paths,
+                    owner=owner,
+                    prefix=prefix,
+                    trainable=trainable,
+                    dtype_for=self._variable_dtype_for,
+                    copy=copy,  # the caller keeps what it passed; what init made is moved
+                    layout_for=layout_for,
+                    pending=(lambda i, o=offset: self._first_value(o + i)) if pending else None,
+                )
+            )
+        core.param_vars, core.state_vars = created
+        for variable in core.param_vars + core.state_vars:
+            self._track_variable(variable)
+
+    def _first_value(self, index: int) -> Callable:
+        """The initializer of deferred variable `index`: a value for Keras to read early."""
+
+        def initializer(shape, dtype):
+            core = self._core
+            variables = core.param_vars + core.state_vars
+            if core.pending:
+                # Inside Keras's deserialization (a weights file usually follows): no values yet.
+                loading = core.loading and _compat.keras_safe_mode() is not None
+                placeholder = placeholder_for_loading() if loading else None
+                if placeholder is not None:
+                    for v in variables:
+                        if _compat.is_deferred(v):
+                            _compat.initialize_deferred(v, placeholder(v.shape, v.dtype))
+                    core.placeholders = True
+                    core.pending = False
+                else:
+                    self._materialize()
+            return variables[index].value
+
+        return initializer
+
+    def _materialize(self) -> None:
+        """Gives the variables of a layer loaded without weights their initial values.
+
+        Used before any weights were loaded into it, a layer built from a config starts as a
+        fresh build would: the module's init, or zeros where nothing can re-create the values
+        (an NNX module or a JaxLayer without init_fn rebuilt from a config).
+        """
+        core = self._core
+        core.loading = False
+        params, state = self._initial_trees()
+        values = [
+            _concrete(x)
+            for x in TreeLayout(params).take_leaves() + TreeLayout(state).take_leaves()
+        ]
+        for variable, value in zip(core.param_vars + core.state_vars, values, strict=True):
+            if _compat.is_deferred(variable):
+                _compat.initialize_deferred(variable, value)
+            else:
+                variable.assign(value)
+        core.pending = core.placeholders = False
 
     def _plan_layouts(self, expected: Any) -> dict | None:
         """{variable path parts: TensorLayout} under a keras.distribution, else None."""
@@ -303,8 +424,10 @@ class JaxLayer(keras.layers.Layer):
 
     def call(self, inputs, training=None):
         core = self._core
+        if core.placeholders:  # loaded from a config and used before any weights were loaded
+            self._materialize()
         training = bool(training)
-        rng = self.seed_generator.next() if core.needs_rng[training] else None
+        rng = core.seed_generator.next() if core.needs_rng[training] else None
         written = core.written.get(training)
         if written is None:
             written = core.written[training] = core.learn_written(training)
@@ -356,6 +479,18 @@ class JaxLayer(keras.layers.Layer):
         )
 
     def compute_output_spec(self, inputs, training=None):
+        if not self._core.loading:
+            return self._output_spec(inputs, training)
+        try:
+            return self._output_spec(inputs, training)
+        except Exception as e:  # the module a file configured does not apply to its inputs
+            raise SerializationError(
+                f"{self._owner_name()}: the module configured by the file cannot be applied to "
+                f"inputs {jax.tree.map(lambda t: tuple(t.shape), inputs)}: "
+                f"{type(e).__name__}: {e}. The file configures: {self._core.adapter.summary()}"
+            ) from e
+
+    def _output_spec(self, inputs, training=None):
         core = self._core
         training = bool(training)
         spec = _spec_of(inputs, self.compute_dtype)
@@ -388,91 +523,135 @@ class JaxLayer(keras.layers.Layer):
             call_fn=keras.saving.serialize_keras_object(self.call_fn),
             init_fn=keras.saving.serialize_keras_object(self.init_fn),
             seed=self.seed,
+            native_serialization_platforms=(
+                None
+                if self.native_serialization_platforms is None
+                else list(self.native_serialization_platforms)
+            ),
         )
         if self.init_fn is None:
             # Nothing can re-create the params: record their shapes, the weights file the values.
             params, state = self._trees_for_config()
-            config.update(params=_spec_to_config(params), state=_spec_to_config(state))
+            config.update(
+                params=_spec_to_config(params, self._owner_name(), "params"),
+                state=_spec_to_config(state, self._owner_name(), "state"),
+            )
         return config
 
     def _trees_for_config(self) -> tuple[Any, Any]:
         core = self._core
         if self.built:
             trees = (
-                core.params_def.unflatten(core.param_vars),
-                core.state_def.unflatten(core.state_vars),
+                core.params_layout.unflatten(core.param_vars),
+                core.state_layout.unflatten(core.state_vars),
             )
         else:
             trees = core.initial or (None, None)
         return tuple(
-            None if t is None else jax.tree.map(lambda x: _Leaf(np.shape(x), _dtype_name(x)), t)
+            None
+            if t is None
+            else jax.tree.map(
+                lambda x: _Leaf(np.shape(x), _dtype_name(x)) if hasattr(x, "dtype") else x, t
+            )
             for t in trees
         )
 
     @classmethod
     def from_config(cls, config: dict) -> "JaxLayer":
         config = dict(config)
+        owner = f"{cls.__name__} {config.get('name')!r}"
         for name in ("call_fn", "init_fn"):
             if config.get(name) is not None:
                 config[name] = keras.saving.deserialize_keras_object(config[name])
         for name in ("params", "state"):
             if config.get(name) is not None:
+                # Abstract: nothing sized by the config is allocated (the weights file holds
+                # the values, checked against these shapes).
                 config[name] = jax.tree.map(
-                    lambda leaf: jnp.zeros(leaf.shape, leaf.dtype),
-                    _spec_from_config(config[name]),
+                    lambda leaf: jax.ShapeDtypeStruct(tuple(leaf.shape), leaf.dtype),
+                    _spec_from_config(config[name], owner, (name,), abstract=True),
                     is_leaf=lambda x: isinstance(x, _Leaf),
                 )
-        return super().from_config(config)
+        try:
+            layer = cls(**config)
+        except (TypeError, ValueError) as e:
+            raise SerializationError(f"{owner}: cannot rebuild the layer from the file: {e}") from e
+        layer._core.loading = True
+        return layer
 
     def get_build_config(self) -> dict | None:
         if self._core.input_spec is None:
             return None
-        return {"input_spec": _spec_to_config(self._core.input_spec)}
+        return {"input_spec": _spec_to_config(self._core.input_spec, self._owner_name(), "input")}
 
     def build_from_config(self, config: dict) -> None:
         if config and "input_spec" in config:
-            self._core.input_spec = _spec_from_config(config["input_spec"])
+            self._core.input_spec = _spec_from_config(
+                config["input_spec"], self._owner_name(), ("build_config", "input_spec")
+            )
             self.build(None)
         else:
             super().build_from_config(config)
 
     def load_own_variables(self, store) -> None:
-        variables = self._trainable_variables + self._non_trainable_variables
+        core = self._core
+        variables = core.param_vars + core.state_vars
         owner = self._owner_name()
         if len(store.keys()) != len(variables):
-            raise ValueError(
+            raise SerializationError(
                 f"{owner}: the weights file holds {len(store.keys())} variables for this layer, "
                 f"but the layer has {len(variables)}. The file was saved from a different "
                 "model or module configuration."
             )
         values = [store[str(i)] for i in range(len(variables))]
         problems = [
-            f"{v.path}: layer has shape {tuple(v.shape)}, file has {tuple(value.shape)}"
+            f"{v.path}: the file stores shape {tuple(value.shape)}, the configured layer has "
+            f"{tuple(v.shape)}"
             for v, value in zip(variables, values, strict=True)
             if tuple(value.shape) != tuple(v.shape)
         ]
         if problems:
-            raise ValueError(
+            raise SerializationError(
                 f"{owner}: the weights file does not match the module:\n  "
                 + "\n  ".join(problems)
                 + "\nNo weight was loaded. Load a file saved from this module configuration."
             )
         for variable, value in zip(variables, values, strict=True):
-            variable.assign(value)
+            if _compat.is_deferred(variable):
+                _compat.initialize_deferred(variable, np.asarray(value, variable.dtype))
+            else:
+                variable.assign(value)
+        core.loading = core.pending = core.placeholders = False
+        core.initial = None
 
     # ------------------------------------------------------------------------------ the trees
 
     @property
     def params(self) -> Any:
-        """The trainable variables as a pytree mirroring the params tree (after build)."""
-        self._check_built("params")
-        return self._core.params_def.unflatten(self._core.param_vars)
+        """The trainable variables as a pytree mirroring the params tree.
+
+        Before build, the `params` the layer was given (as `keras.layers.JaxLayer` shows them).
+        """
+        return self._tree("params", 0)
 
     @property
     def state(self) -> Any:
-        """The non-trainable variables as a pytree mirroring the state tree (after build)."""
-        self._check_built("state")
-        return self._core.state_def.unflatten(self._core.state_vars)
+        """The non-trainable variables as a pytree mirroring the state tree.
+
+        Before build, the `state` the layer was given (as `keras.layers.JaxLayer` shows them).
+        """
+        return self._tree("state", 1)
+
+    def _tree(self, what: str, index: int) -> Any:
+        core = self._core
+        if _compat.called_by_keras_saving_walk():
+            return None
+        if not self.built:
+            if core.initial is not None and isinstance(core.initial, tuple):
+                return core.initial[index]
+            self._check_built(what)
+        layout = core.params_layout if index == 0 else core.state_layout
+        return layout.unflatten(core.param_vars if index == 0 else core.state_vars)
 
     def describe(self, print_fn: Callable[[str], Any] | None = None) -> None:
         """Prints the layer's variable tree as a table, one row per variable.
@@ -536,7 +715,7 @@ class JaxLayer(keras.layers.Layer):
             for v in core.param_vars + core.state_vars
         ]
         n = len(core.param_vars)
-        return core.params_def.unflatten(as_jax[:n]), core.state_def.unflatten(as_jax[n:])
+        return core.params_layout.unflatten(as_jax[:n]), core.state_layout.unflatten(as_jax[n:])
 
     def _check_built(self, what: str) -> None:
         if not self.built:
@@ -559,28 +738,74 @@ def _dtype_name(x: Any) -> str:
     return keras.backend.standardize_dtype(x.dtype)
 
 
-def _spec_to_config(spec: Any) -> Any:
+def _spec_to_config(spec: Any, owner: str, what: str) -> Any:
+    """A tree of `_Leaf`s (and static strings) as JSON."""
     if isinstance(spec, _Leaf):
         return {"shape": list(spec.shape), "dtype": keras.backend.standardize_dtype(spec.dtype)}
     if isinstance(spec, dict):
-        return {"dict": [[k, _spec_to_config(v)] for k, v in spec.items()]}
-    if isinstance(spec, (list, tuple)):
-        return {"list" if isinstance(spec, list) else "tuple": [_spec_to_config(v) for v in spec]}
+        return {"dict": [[k, _spec_to_config(v, owner, what)] for k, v in spec.items()]}
+    if isinstance(spec, (list, tuple)) and not hasattr(spec, "_fields"):
+        kind = "list" if isinstance(spec, list) else "tuple"
+        return {kind: [_spec_to_config(v, owner, what) for v in spec]}
     if spec is None:
         return {"none": None}
-    raise ValueError(f"Cannot record the input structure {spec!r}.")
+    if isinstance(spec, str):
+        return {"static": spec}
+    raise SerializationError(
+        f"{owner}: cannot record the {what} structure: it holds a {type(spec).__qualname__}. "
+        "Only dicts, lists, tuples, arrays and strings can be saved; give the layer an "
+        "init_fn that creates the values instead."
+    )
 
 
-def _spec_from_config(data: Any) -> Any:
-    if "shape" in data:
-        return _Leaf(data["shape"], data["dtype"])
-    if "dict" in data:
-        return {k: _spec_from_config(v) for k, v in data["dict"]}
-    if "list" in data:
-        return [_spec_from_config(v) for v in data["list"]]
-    if "tuple" in data:
-        return tuple(_spec_from_config(v) for v in data["tuple"])
-    return None
+def _spec_from_config(data: Any, owner: str, path: tuple, *, abstract: bool = False) -> Any:
+    """The tree `_spec_to_config` wrote; every entry checked (shapes, dtypes, depth)."""
+
+    def fail(where: tuple, what: str) -> SerializationError:
+        shown = ".".join(str(p) for p in where)
+        return SerializationError(f"{owner}: cannot load config entry {shown}: {what}")
+
+    def read(node: Any, where: tuple) -> Any:
+        if len(where) > 2 * _MAX_SPEC_DEPTH:
+            raise fail(where, f"it is nested deeper than {_MAX_SPEC_DEPTH} levels.")
+        if not isinstance(node, dict) or len(node) not in (1, 2):
+            raise fail(where, f"{node!r} is not an entry of a recorded structure.")
+        if set(node) == {"shape", "dtype"}:
+            shape = node["shape"]
+            if not (
+                isinstance(shape, list)
+                and len(shape) <= 32
+                and all(
+                    (d is None and not abstract)
+                    or (isinstance(d, int) and not isinstance(d, bool) and d >= 0)
+                    for d in shape
+                )
+            ):
+                raise fail((*where, "shape"), f"{shape!r} is not a shape.")
+            try:
+                dtype = dtype_from_name(node["dtype"])
+            except Refused as e:
+                raise fail((*where, "dtype"), str(e)) from None
+            return _Leaf(shape, dtype.name)
+        (kind,) = node if len(node) == 1 else (None,)
+        value = node.get(kind)
+        if kind == "none" and value is None:
+            return None
+        if kind == "static" and isinstance(value, str):
+            return value
+        if kind in ("list", "tuple") and isinstance(value, list):
+            items = [read(v, (*where, kind, i)) for i, v in enumerate(value)]
+            return items if kind == "list" else tuple(items)
+        if kind == "dict" and isinstance(value, list):
+            out = {}
+            for i, item in enumerate(value):
+                if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], (str, int))):
+                    raise fail((*where, "dict", i), "not a [key, value] pair.")
+                out[item[0]] = read(item[1], (*where, "dict", item[0]))
+            return out
+        raise fail(where, f"{node!r} is not an entry of a recorded structure.")
+
+    return read(data, path)
 
 
 def _zeros(structs: Any) -> Any:
@@ -608,7 +833,12 @@ def _init_key(seed: int) -> jax.Array:
 
 
 def _make_pure(
-    adapter: Adapter, params_def, state_def, owner: str, state_casts, written: dict
+    adapter: Adapter,
+    params_layout: TreeLayout,
+    state_layout: TreeLayout,
+    owner: str,
+    state_casts,
+    written: dict,
 ) -> Callable:
     """The layer as one pure function of flat variable lists.
 
@@ -621,17 +851,38 @@ def _make_pure(
             rng = rng.astype(jnp.uint32)
         state = [x if c is None else x.astype(c) for x, c in zip(state, state_casts, strict=True)]
         outputs, new_state, loss = adapter.apply(
-            params_def.unflatten(params), state_def.unflatten(state), rng, inputs, training
+            params_layout.unflatten(params), state_layout.unflatten(state), rng, inputs, training
         )
-        leaves, treedef = jax.tree.flatten(new_state)
-        if treedef != state_def:
+        leaves = state_layout.variable_leaves(new_state)
+        if leaves is None:
             raise ValueError(
-                f"{owner}: the call returned state with structure {treedef}, but the layer's "
-                f"state has structure {state_def}. Return a new state with the same keys as "
-                "the state you were given."
+                f"{owner}: the call returned state with structure "
+                f"{jax.tree.structure(new_state)}, but the layer's state has structure "
+                f"{state_layout.treedef}. Return a new state with the same keys as the state "
+                "you were given."
             )
         if not all_state and training in written:
             leaves = [leaves[i] for i in written[training]]
         return outputs, leaves, loss
 
     return pure
+
+
+def _abstract(trees: tuple[Any, Any]) -> tuple[Any, Any]:
+    """(params, state) with every array leaf as a ShapeDtypeStruct (static leaves kept)."""
+
+    def leaf(x):
+        if isinstance(x, (bool, int, float)):
+            return jax.ShapeDtypeStruct((), keras.backend.standardize_dtype(type(x)))
+        if hasattr(x, "shape") and hasattr(x, "dtype"):
+            return jax.ShapeDtypeStruct(tuple(x.shape), x.dtype)
+        return x
+
+    return tuple(jax.tree.map(leaf, tree) for tree in trees)
+
+
+def _concrete(x: Any) -> Any:
+    """Zeros for an abstract leaf (what nothing can re-create starts as), else the leaf."""
+    if isinstance(x, jax.ShapeDtypeStruct):
+        return np.zeros(x.shape, x.dtype)
+    return x

@@ -11,11 +11,12 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import errors as flax_errors
 from flax.core import meta
 
 from flaxlayer._adapter import SPEC_KEY, Adapter, raise_mismatches, shape_mismatches
-from flaxlayer._methods import method_arguments, resolve_method
+from flaxlayer._methods import resolve_method
 from flaxlayer._variables import flatten_with_paths
 
 SOWN_BY_CONVENTION = ("intermediates", "losses")
@@ -47,9 +48,14 @@ def _same_structure(a: Any, b: Any) -> bool:
     if jax.tree.structure(a) != jax.tree.structure(b):
         return False
     return all(
-        tuple(x.shape) == tuple(y.shape) and x.dtype == y.dtype
+        np.shape(x) == np.shape(y) and jnp.result_type(x) == jnp.result_type(y)
         for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
     )
+
+
+def _one_line(text: str, limit: int = 1500) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit] + " ..."
 
 
 def sum_losses(collection: Any):
@@ -60,23 +66,26 @@ def sum_losses(collection: Any):
 
 
 class LinenAdapter(Adapter):
+    #: Flax's own classes, whose methods are never the method a layer calls.
+    framework = nn.Module.__mro__
+
     def __init__(self, module: nn.Module, method: Any, *, owner: str):
         super().__init__(owner)
         self.module = module
-        self.method = resolve_method(module, method, owner=owner)
+        self.method = resolve_method(module, method, owner=owner, framework=self.framework)
         self.streams = {False: (), True: ()}
         self.init_streams: tuple[str, ...] = ("dropout", "params")
         self.state_collections: tuple[str, ...] = ()
         self.boxed: Any = None
 
     def _init(self, rng, inputs):
-        args, kwargs = method_arguments(self.method, inputs, False)
+        args, kwargs = self.method.arguments(inputs, False)
         return self.module.init(
             _split_keys(rng, self.init_streams), *args, method=self.method.fn, **kwargs
         )
 
     def _apply(self, variables, rngs, inputs, training):
-        args, kwargs = method_arguments(self.method, inputs, training)
+        args, kwargs = self.method.arguments(inputs, training)
         return self.module.apply(
             variables,
             *args,
@@ -141,22 +150,57 @@ class LinenAdapter(Adapter):
         state = {c: variables.pop(c) for c in self.state_collections}
         return params, state
 
-    def given(self, initial, expected):
+    def given(self, initial, expected, inputs):
         variables = meta.unbox(dict(initial))
         exp_params, exp_state = expected
         expected_all = {**exp_params, **exp_state}
         sown = [c for c in variables if c not in expected_all and c in SOWN_BY_CONVENTION]
         for c in sown:
             variables.pop(c)
-        raise_mismatches(
-            self.owner,
-            "variables",
-            shape_mismatches(expected_all, variables),
-            "Pass the dict `module.init(...)` returns for inputs of this shape, or "
-            "variables=None to initialize at build time.",
-        )
+        problems = shape_mismatches(expected_all, variables)
+        same_paths = not any("missing" in p or "not created" in p for p in problems)
+        if problems and not same_paths:
+            raise_mismatches(
+                self.owner,
+                "variables",
+                problems,
+                "Pass the dict `module.init(...)` returns for inputs of this shape, or "
+                "variables=None to initialize at build time.",
+            )
+        if problems:
+            # Not what init makes for these inputs, but maybe what the module applies to (a
+            # decode cache initialized for the full length, applied one token at a time).
+            failure = self._refuses(variables, inputs)
+            if failure is not None:
+                raise_mismatches(
+                    self.owner,
+                    "variables",
+                    [*problems, failure],
+                    "Pass the dict `module.init(...)` returns (for these inputs, or for the "
+                    "shapes the module is applied to, such as a decode cache's full length), or "
+                    "variables=None to initialize at build time.",
+                )
         params = {"params": variables["params"]} if "params" in variables else {}
         return params, {c: variables[c] for c in self.state_collections}
+
+    def _refuses(self, variables: dict, inputs: Any) -> str | None:
+        """Why the module cannot be applied to `variables` (abstractly, both modes), or None.
+
+        Applying must work and hand every state collection back with the shapes it was given.
+        """
+        state = [c for c in self.state_collections if c in variables]
+        for training in (False, True):
+            rngs = {name: SPEC_KEY for name in self.streams[training]} or None
+            try:
+                _, mutated = jax.eval_shape(
+                    lambda v, r, x, t=training: self._apply(v, r, x, t), variables, rngs, inputs
+                )
+            except Exception as e:  # the module's own error for variables it cannot use
+                return f"applying the module to them fails: {type(e).__name__}: {e}"
+            changed = [c for c in state if not _same_structure(variables[c], mutated.get(c, {}))]
+            if changed:
+                return f"applying the module changes the shapes of {', '.join(changed)}"
+        return None
 
     def apply(self, params, state, rng, inputs, training):
         rngs = _split_keys(rng, self.streams[training])
@@ -176,6 +220,9 @@ class LinenAdapter(Adapter):
 
     def model_name(self) -> str:
         return f"Linen module {type(self.module).__name__}"
+
+    def summary(self) -> str:
+        return _one_line(repr(self.module))
 
     def module_object(self, layer) -> nn.Module:
         return self.module

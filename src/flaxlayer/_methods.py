@@ -5,9 +5,7 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
-from flaxlayer._signature import check_arguments, describe
-
-METHOD_ARGUMENTS = ("inputs", "training")
+from flaxlayer._signature import Binding, bind, describe
 
 
 @dataclasses.dataclass(frozen=True)
@@ -15,76 +13,113 @@ class Method:
     """A module method as a function whose first argument is the module.
 
     `kind` is how the user gave it: "call" (None), "name" (a string), "bound" (a bound method of
-    the module) or "function" (a function taking `module` first); `name` is the method name for
-    the first three.
+    the module) or "function" (a function taking the module first); `name` is the method name
+    for the first three. `binding` says which argument gets the inputs and the training flag.
     """
 
     fn: Callable
     kind: str
     name: str | None
-    takes_training: bool
-    #: A method with only `*args` (e.g. nnx.bridge wrappers): inputs are passed positionally.
-    positional: bool = False
+    binding: Binding
+
+    @property
+    def takes_training(self) -> bool:
+        return self.binding.takes_training
+
+    def arguments(self, inputs: Any, training: bool) -> tuple[tuple, dict]:
+        """The (args, kwargs) to call `fn(module, *args, **kwargs)` with."""
+        return self.binding.arguments({"inputs": inputs, "training": training})
 
 
-def resolve_method(module: Any, method: Any, *, owner: str) -> Method:
+def method_by_name(cls: type, name: str, framework: tuple[type, ...]) -> Callable | None:
+    """The function `name` of `cls`, if the class or a base below `framework` defines it.
+
+    `framework` are the Flax base classes (nn.Module and its bases, or nnx.Module's): their API
+    (`init`, `apply`, `bind`, `tabulate`, `sow`, ...) is never a method a layer calls, and
+    neither is a dunder other than `__call__`.
+    """
+    if name.startswith("__") and name.endswith("__") and name != "__call__":
+        return None
+    for klass in cls.__mro__:
+        if name in vars(klass):
+            fn = vars(klass)[name]
+            if klass in framework or not inspect.isfunction(fn):
+                return None
+            return fn
+    return None
+
+
+def callable_methods(cls: type, framework: tuple[type, ...]) -> list[str]:
+    """The names `method_by_name` accepts for `cls`, for error messages."""
+    names = {n for klass in cls.__mro__ if klass not in framework for n in vars(klass)}
+    return sorted(
+        n
+        for n in names
+        if method_by_name(cls, n, framework) is not None and (n == "__call__" or n[0] != "_")
+    )
+
+
+def resolve_method(
+    module: Any, method: Any, *, owner: str, framework: tuple[type, ...]
+) -> Method:
     cls = type(module)
     if method is None:
-        fn, kind, name = cls.__call__, "call", "__call__"
+        fn, kind, name = method_by_name(cls, "__call__", framework), "call", "__call__"
+        if fn is None:
+            raise TypeError(f"{owner}: {cls.__name__} defines no `__call__`; pass `method=`.")
     elif isinstance(method, str):
-        fn = getattr(cls, method, None)
-        if fn is None or not callable(fn):
-            available = sorted(
-                n
-                for n, v in vars(cls).items()
-                if callable(v) and not n.startswith("_") and inspect.isfunction(v)
-            )
+        fn, kind, name = method_by_name(cls, method, framework), "name", method
+        if fn is None:
             raise ValueError(
-                f"{owner}: method={method!r}, but {cls.__name__} has no method of that name. "
-                f"Its methods: {', '.join(available) or 'none besides __call__'}. Pass one of "
-                "them, a bound method, or a function whose first argument is `module`."
+                f"{owner}: method={method!r}, but {cls.__name__} defines no method of that name "
+                "(Flax's own Module API such as `init`, `apply` or `tabulate` is not a method "
+                f"to call). Its methods: {', '.join(callable_methods(cls, framework)) or 'none'}."
+                " Pass one of them, a bound method, or a function taking the module first."
             )
-        kind, name = "name", method
     elif inspect.ismethod(method) and isinstance(method.__self__, cls):
-        fn, kind, name = method.__func__, "bound", method.__func__.__name__
-    elif callable(method):
-        params = _parameters(method, owner)
-        if not params or params[0].name != "module":
-            first = params[0].name if params else "nothing"
+        name = method.__func__.__name__
+        fn, kind = method_by_name(cls, name, framework), "bound"
+        if fn is not method.__func__:
             raise ValueError(
-                f"{owner}: method {describe(method)!r} is not a method of {cls.__name__}, so its "
-                f"first argument must be named `module` (the module is passed there); it takes "
-                f"{first!r} first. Define it as `def {getattr(method, '__name__', 'fn')}(module, "
-                "inputs, training): ...`."
+                f"{owner}: method {describe(method)!r} is Flax's Module API or not defined by "
+                f"{cls.__name__}; pass a method that {cls.__name__} defines."
             )
+    elif callable(method) and not isinstance(method, type):
         fn, kind, name = method, "function", None
     else:
         raise TypeError(
             f"{owner}: method must be None, a method name, a bound method of the module, or a "
-            f"function taking `module` first; got {type(method).__name__}: {method!r}."
+            f"function taking the module first; got {type(method).__name__}: {method!r}."
         )
-    rest = _parameters(fn, owner)[1:]
-    if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in rest) and not any(
-        p.name in METHOD_ARGUMENTS for p in rest
-    ):
-        return Method(fn=fn, kind=kind, name=name, takes_training=False, positional=True)
-    names = check_arguments(
-        fn, owner=owner, role="method", allowed=METHOD_ARGUMENTS, skip_first=True
+
+    def hint(required: list[str], binding: Binding) -> str:
+        return _wrapper_hint(cls, kind, name, fn, required, binding)
+
+    binding = bind(fn, owner=owner, role="method", skip_first=True, wrapper_hint=hint)
+    return Method(fn=fn, kind=kind, name=name, binding=binding)
+
+
+def _wrapper_hint(cls, kind, name, fn, required, binding) -> str:
+    if kind == "function":
+        return (
+            f", or change {describe(fn)} so that it takes (module, inputs, training) and "
+            "supplies the rest itself."
+        )
+    values = [binding.names["inputs"].lstrip("*"), *required]
+    target = "module" if name == "__call__" else f"module.{name}"
+    flags = [
+        f"{param}={'not training' if role == 'deterministic' else 'training'}"
+        for param, role in ((binding.names.get(r), r) for r in ("training", "deterministic"))
+        if param
+    ]
+    unpack = f"        {', '.join(values)} = inputs  # supply {', '.join(required)} here\n"
+    call = ", ".join([*values, *flags])
+    return (
+        ", or pass a function that supplies them (define it next to "
+        f"{cls.__name__}, or register it, so that the model can be saved):\n\n"
+        "    @keras.saving.register_keras_serializable()\n"
+        f"    def call_{cls.__name__.lower()}(module, inputs, training=False):\n"
+        f"{unpack}"
+        f"        return {target}({call})\n\n"
+        f"    FlaxLayer({cls.__name__}(...), method=call_{cls.__name__.lower()})\n"
     )
-    return Method(fn=fn, kind=kind, name=name, takes_training="training" in names)
-
-
-def method_arguments(method: Method, inputs, training) -> tuple[tuple, dict]:
-    """The (args, kwargs) to call `method.fn(module, *args, **kwargs)` with."""
-    if method.positional:
-        return (inputs,), {}
-    if method.takes_training:
-        return (), {"inputs": inputs, "training": training}
-    return (), {"inputs": inputs}
-
-
-def _parameters(fn: Callable, owner: str) -> list[inspect.Parameter]:
-    try:
-        return list(inspect.signature(fn).parameters.values())
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{owner}: cannot read the signature of method {fn!r} ({e}).") from e

@@ -14,7 +14,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from flaxlayer._adapter import Adapter, raise_mismatches, shape_mismatches
-from flaxlayer._methods import method_arguments, resolve_method
+from flaxlayer._compat import key_impl_name
+from flaxlayer._methods import resolve_method
 
 _DEFAULT_IMPL = "threefry2x32"
 
@@ -57,24 +58,36 @@ class _StateLayout:
         return self.treedef.unflatten(leaves)
 
 
+def _leaves_at(tree: dict, paths: list) -> list:
+    leaves = []
+    for path in paths:
+        node = tree
+        for key in path:
+            node = node[key]
+        leaves.append(node)
+    return leaves
+
+
 def _flat_values(state: nnx.State) -> dict:
     return {tuple(path): var.get_value() for path, var in state.flat_state()}
 
 
 class NNXAdapter(Adapter):
     init_uses_rng = False
+    #: Flax's own classes, whose methods are never the method a layer calls.
+    framework = nnx.Module.__mro__
 
     def __init__(self, module: nnx.Module, method: Any, *, owner: str):
         super().__init__(owner)
         self.module_class = type(module)
-        self.method = resolve_method(module, method, owner=owner)
+        self.method = resolve_method(module, method, owner=owner, framework=self.framework)
         self._module: nnx.Module | None = module
         self.graphdef, params, rngs, rest = _split_state(module)
         self.params_layout = _StateLayout(params)
         self.state_layout = _StateLayout(rest)
         self.rngs_layout = _StateLayout(rngs)
         self.rng_leaves = [
-            ("key", tuple(x.shape), str(jax.random.key_impl(x)))
+            ("key", tuple(x.shape), key_impl_name(x))
             if _is_key(x)
             else ("count", tuple(x.shape), x.dtype)
             for x in jax.tree.leaves(rngs)
@@ -108,7 +121,7 @@ class NNXAdapter(Adapter):
         self._arrays = self._module = None
         return self.params_layout.to_pure(params), self.state_layout.to_pure(rest)
 
-    def given(self, initial, expected):
+    def given(self, initial, expected, inputs):
         if not isinstance(initial, nnx.State):
             raise TypeError(
                 f"{self.owner}: for an NNX module, `variables` must be an nnx.State (e.g. "
@@ -169,9 +182,10 @@ class NNXAdapter(Adapter):
 
     def apply(self, params, state, rng, inputs, training):
         module = self.module_from(params, state, rng)
-        if not self.method.takes_training:
-            module.train() if training else module.eval()
-        args, kwargs = method_arguments(self.method, inputs, training)
+        # NNX's own convention (Dropout, BatchNorm) follows the module's mode; a method that
+        # takes a flag gets it too.
+        module.train() if training else module.eval()
+        args, kwargs = self.method.arguments(inputs, training)
         outputs = self.method.fn(module, *args, **kwargs)
         flat = _flat_values(_split_state(module)[3])
         # Variables a call adds (sown intermediates) are not state: keep the known paths only.
@@ -181,8 +195,19 @@ class NNXAdapter(Adapter):
     def model_name(self) -> str:
         return f"NNX module {self.module_class.__name__}"
 
+    def summary(self) -> str:
+        shapes = [
+            f"{'.'.join(str(p) for p in path)}: {tuple(leaf.shape)}"
+            for layout, tree in zip(
+                (self.params_layout, self.state_layout), self._abstract, strict=True
+            )
+            for path, leaf in zip(layout.paths, _leaves_at(tree, layout.paths), strict=True)
+        ]
+        more = f", ... ({len(shapes) - 20} more)" if len(shapes) > 20 else ""
+        return f"{self.model_name()} with variables " + ", ".join(shapes[:20]) + more
+
     def module_object(self, layer) -> nnx.Module:
-        if self._module is not None:
+        if self._module is not None and not layer.built:
             return self._module
         params, state = layer._values()
         return self.module_from(params, state, None)

@@ -14,13 +14,7 @@ import jax.numpy as jnp
 import keras
 import numpy as np
 
-
-def in_stateless_scope() -> bool:
-    try:
-        from keras.src.backend.common.stateless_scope import in_stateless_scope as keras_fn
-    except ImportError:  # pragma: no cover - private Keras API moved
-        return False
-    return keras_fn()
+from flaxlayer._compat import in_stateless_scope
 
 
 def key_name(key: Any) -> str:
@@ -71,6 +65,7 @@ def create_variables(
     dtype_for: Callable[[Any], Any],
     copy: bool = False,
     layout_for: Callable[[tuple[str, ...]], Any] | None = None,
+    pending: Callable[[int], Callable] | None = None,
 ) -> list[keras.Variable]:
     """Creates one Keras variable per leaf, emptying `leaves` as it goes.
 
@@ -78,6 +73,8 @@ def create_variables(
     never held twice (a 1 GiB model stays ~1 GiB while its variables are created). Without
     `copy`, a variable takes over its array (Keras's JAX trainer donates variable buffers, so the
     array must not be used elsewhere afterwards); with `copy`, each leaf is copied on its own.
+    With `pending` (inside a StatelessScope), the leaves are abstract and variable `i` is
+    created without a value, `pending(i)` being its initializer.
     """
     variables = []
     seen: dict[tuple[str, ...], int] = {}
@@ -93,10 +90,15 @@ def create_variables(
                 "Give the tree's entries distinct names."
             )
         seen[full] = i
-        if not on_jax:
-            value = np.array(leaves[i]) if copy else np.asarray(leaves[i])
+        value = leaves[i]
+        if isinstance(value, (bool, int, float)):  # as keras.layers.JaxLayer: layer dtypes
+            value = np.asarray(value, keras.backend.standardize_dtype(type(value)))
+        elif pending is not None:
+            value = jax.ShapeDtypeStruct(np.shape(value), value.dtype)
+        elif not on_jax:
+            value = np.array(value) if copy else np.asarray(value)
         else:
-            value = jnp.array(leaves[i], copy=True) if copy else leaves[i]
+            value = jnp.array(value, copy=True) if copy else value
         leaves[i] = None
         dtype = dtype_for(value.dtype)
         floating = is_float_dtype(dtype)
@@ -106,8 +108,12 @@ def create_variables(
             variables.append(
                 keras.Variable(
                     # Inside a stateless scope Keras only accepts a callable, run on scope exit.
-                    initializer=(lambda shape, dtype, v=value: v) if deferred else value,
-                    shape=tuple(value.shape) if deferred else None,
+                    initializer=pending(i)
+                    if pending is not None
+                    else (lambda shape, dtype, v=value: v)
+                    if deferred
+                    else value,
+                    shape=tuple(value.shape) if deferred or pending is not None else None,
                     name=full[-1],
                     dtype=dtype,
                     trainable=trainable and floating,
@@ -120,3 +126,46 @@ def create_variables(
             )
         del value
     return variables
+
+
+def is_array_like(x: Any) -> bool:
+    """A leaf that becomes a variable: an array, an abstract array, or a Python number."""
+    if isinstance(x, (bool, int, float, np.ndarray, np.generic, jax.Array, jax.ShapeDtypeStruct)):
+        return True
+    return hasattr(x, "shape") and hasattr(x, "dtype")
+
+
+class TreeLayout:
+    """A pytree split into the leaves that become variables and the static ones kept as they are.
+
+    As in `keras.layers.JaxLayer`, leaves that are not arrays or numbers (strings, objects of a
+    registered pytree class's static part are not leaves at all) are configuration: the module
+    sees them unchanged and they are never variables.
+    """
+
+    def __init__(self, tree: Any):
+        leaves, paths, self.treedef = flatten_with_paths(tree)
+        self.index = [i for i, x in enumerate(leaves) if is_array_like(x)]
+        self.static = {i: x for i, x in enumerate(leaves) if not is_array_like(x)}
+        self.paths = [paths[i] for i in self.index]
+        self._leaves = [leaves[i] for i in self.index]
+
+    def take_leaves(self) -> list:
+        """The variable leaves of the tree this layout was made from (handed over once)."""
+        leaves, self._leaves = self._leaves, []
+        return leaves
+
+    def unflatten(self, values: Sequence[Any]) -> Any:
+        full = [None] * self.treedef.num_leaves
+        for i, value in zip(self.index, values, strict=True):
+            full[i] = value
+        for i, value in self.static.items():
+            full[i] = value
+        return self.treedef.unflatten(full)
+
+    def variable_leaves(self, tree: Any) -> list | None:
+        """The leaves of `tree` at this layout's variable positions; None if shaped otherwise."""
+        leaves, treedef = jax.tree.flatten(tree)
+        if treedef != self.treedef:
+            return None
+        return [leaves[i] for i in self.index]

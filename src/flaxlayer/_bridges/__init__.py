@@ -7,11 +7,12 @@ import keras
 SUPPORTED_BACKENDS = ("jax", "tensorflow", "torch")
 
 
-def compile_for_backend(pure: Callable, *, owner: str) -> Callable:
+def compile_for_backend(pure: Callable, *, owner: str, platforms=None) -> Callable:
     """Returns `run(params, state, rng, inputs, training)` for the active Keras backend.
 
     `params` and `state` are lists of backend tensors; `run` returns (outputs, new state leaves,
     summed losses) as backend tensors, differentiable with respect to params and inputs.
+    `platforms` (`native_serialization_platforms`) is used by the TensorFlow bridge only.
     """
     backend = keras.backend.backend()
     if backend == "jax":
@@ -21,7 +22,7 @@ def compile_for_backend(pure: Callable, *, owner: str) -> Callable:
     if backend == "tensorflow":
         from flaxlayer._bridges.tensorflow import compile_tensorflow
 
-        return compile_tensorflow(pure)
+        return compile_tensorflow(pure, platforms=platforms)
     if backend == "torch":
         from flaxlayer._bridges.torch import compile_torch
 
@@ -54,3 +55,23 @@ def outside_compiled_graphs(fn: Callable) -> Callable:
     import torch
 
     return torch.compiler.disable(fn)
+
+
+def placeholder_for_loading() -> Callable | None:
+    """`make(shape, dtype)` of a value that holds no memory until written, if the backend has one.
+
+    While a file loads, Keras reads variables before their weights come: the torch backend
+    every variable of a model it builds, the TensorFlow optimizer the variables it will train.
+    A deferred variable then gets such a placeholder instead of an initializer run at the size
+    the file's config names. JAX reads nothing: None.
+    """
+    backend = keras.backend.backend()
+    if backend == "torch":
+        from flaxlayer._bridges.torch import untouched_empty
+
+        return untouched_empty
+    if backend == "tensorflow":
+        from flaxlayer._bridges.tensorflow import untouched_empty
+
+        return untouched_empty
+    return None

@@ -1,18 +1,39 @@
 """The TensorFlow backend: the pure function converted with jax2tf, once per input signature.
 
 Unknown dimensions become symbolic (shape polymorphism): the leading dimension of every input
-shares the symbol "batch", any other unknown dimension gets its own. Gradients flow through
-jax2tf's custom gradient (a `jax.vjp` of the same function).
+shares the symbol "batch", any other unknown dimension gets its own.
+
+Gradients are the converted `jax.vjp` of the same function, attached with `tf.custom_gradient`
+(as jax2tf's own `with_gradient=True` does; the backward function is converted the same way,
+so gradients of gradients work too). The conversion is done here rather than by jax2tf so that
+the backward module, converted when TensorFlow builds the gradient, is serialized for
+TensorFlow too (next paragraph).
+
+Our modules are made for the TensorFlow installed. JAX's serializer keeps CHLO operations that
+have no StableHLO equivalent (`erf`: `lax.erf`, `jax.scipy.special.erf`, truncated-normal
+sampling; `top_k`) as `composite` operations, in a form newer than TensorFlow 2.21 reads
+("unregistered operation 'vhlo.composite_v2'"), whose bodies TensorFlow cannot refine to
+concrete shapes either. For our conversions only, they are expanded into plain StableHLO
+before serialization, and the module is serialized for the older of JAX's target version and
+TensorFlow's own. Other jax2tf or `jax.export` users in the process are unaffected.
 
 Eager calls (outside `tf.function`) run the converted function through a `tf.function` cached
 per signature: a converted function called eagerly exports the JAX function again every time.
 """
 
-from collections.abc import Callable
+import contextlib
+import contextvars
+import functools
+from collections.abc import Callable, Iterator, Sequence
 
 import jax
 import tensorflow as tf
 from jax.experimental import jax2tf
+
+# The StableHLO version our exports serialize for, while one of them runs (None: JAX's own).
+_TARGET: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "flaxlayer_stablehlo_target", default=None
+)
 
 
 def _poly_shape(leaf_index: int, shape) -> str | None:
@@ -31,18 +52,215 @@ def _signature(inputs) -> tuple:
     return treedef, tuple((tuple(x.shape.as_list()), x.dtype.name) for x in leaves)
 
 
-def _convert(pure: Callable, training: bool, x_def, x_leaves) -> tuple[Callable, Callable]:
-    """(in-graph, eager) versions of the function for one input signature."""
-    poly_x = x_def.unflatten([_poly_shape(i, shape) for i, (shape, _) in enumerate(x_leaves)])
-    converted = jax2tf.convert(
-        lambda p, s, r, x: pure(p, s, r, x, training),
-        polymorphic_shapes=[None, None, None, poly_x],
-        with_gradient=True,
+# ---------------------------------------------------------------------------- serialization
+
+
+@functools.cache
+def _tensorflow_stablehlo_target() -> str | None:
+    """The StableHLO version our modules are serialized for; None: serialize as JAX does.
+
+    The older of JAX's default target and TensorFlow's own version. None when either library
+    does not say, or the serializer cannot be reached (then nothing is changed).
+    """
+    try:
+        from jax._src.lib.mlir.dialects import hlo
+        from tensorflow.compiler.mlir.stablehlo import stablehlo as tf_stablehlo
+
+        jax_target = hlo.get_version_from_compatibility_requirement(
+            hlo.StablehloCompatibilityRequirement.WEEK_4
+        )
+        target = hlo.get_smaller_version(jax_target, tf_stablehlo.get_current_version())
+    except (ImportError, AttributeError):
+        return None
+    return target if _install_serializer_hook() else None
+
+
+def _install_serializer_hook() -> bool:
+    """Routes JAX export's serialization through `_for_tensorflow` while `_TARGET` is set.
+
+    Returns True if in place. Outside our conversions (`_TARGET` unset) the serializer does
+    exactly what it did.
+    """
+    try:
+        from jax._src.export import _export
+        from jax._src.lib.mlir.dialects import hlo
+
+        original = _export._module_to_bytecode
+        hlo.register_stablehlo_passes()  # chlo-legalize-to-stablehlo, for _for_tensorflow
+    except (ImportError, AttributeError):
+        return False
+    if getattr(original, "_flaxlayer_original", None) is not None:
+        return True
+
+    def module_to_bytecode(module):
+        target = _TARGET.get()
+        return original(module) if target is None else _for_tensorflow(module, target)
+
+    module_to_bytecode._flaxlayer_original = original
+    _export._module_to_bytecode = module_to_bytecode
+    return True
+
+
+def _for_tensorflow(module, target: str) -> bytes:
+    """`module` serialized for StableHLO `target`, with its CHLO operations expanded.
+
+    Serialization keeps CHLO operations without a StableHLO equivalent (`erf`, `top_k`) as
+    `composite` operations; TensorFlow 2.21 reads no `composite_v2`, and cannot refine the
+    dynamic shapes inside a composite's body (shape polymorphism). Expanded beforehand into
+    plain StableHLO (as XLA expands them before compiling), they leave nothing to wrap. A
+    module the expansion fails on is serialized as it is.
+    """
+    from jax._src import xla_bridge
+    from jax._src.interpreters import mlir
+    from jax._src.lib import _jax
+    from jax._src.lib.mlir import ir, passmanager
+
+    with module.context:
+        expanded = ir.Module.parse(mlir.module_to_bytecode(module))  # a copy: JAX keeps its own
+        try:
+            passmanager.PassManager.parse(
+                "builtin.module(func.func(chlo-legalize-to-stablehlo))"
+            ).run(expanded.operation)
+        except (ir.MLIRError, RuntimeError, ValueError):
+            expanded = module
+    return _jax.mlir.serialize_portable_artifact(
+        expanded, target, xla_bridge.get_backend().serialize_with_sdy
     )
+
+
+@contextlib.contextmanager
+def _serialized_for_tensorflow() -> Iterator[None]:
+    token = _TARGET.set(_tensorflow_stablehlo_target())
+    try:
+        yield
+    finally:
+        _TARGET.reset(token)
+
+
+# ------------------------------------------------------------------------------ conversion
+
+
+def _differentiable(dtype: tf.DType) -> bool:
+    return dtype.is_floating or dtype.is_complex
+
+
+class _Converted:
+    """`fun` (flat arrays in, a flat list of arrays out) as a TensorFlow function.
+
+    Its gradient is `jax.vjp(fun)` converted the same way (lazily, when TensorFlow first asks
+    for it), with respect to the floating-point arguments and results; integer arguments (the
+    rng key, token ids) get no gradient.
+    """
+
+    def __init__(self, fun: Callable, polys: Sequence[str | None], platforms):
+        self.fun, self.polys, self.platforms = fun, list(polys), platforms
+        self.forward = jax2tf.convert(
+            fun,
+            polymorphic_shapes=self.polys,
+            with_gradient=False,  # ours, below
+            native_serialization_platforms=platforms,
+        )
+        self.backwards: dict = {}
+
+    def __call__(self, *args) -> list:
+        # Tensors of this graph: an argument may come from an enclosing graph (the forward
+        # pass's, when this is the gradient of a tf.function); identity captures it here.
+        args = [tf.identity(tf.convert_to_tensor(a)) for a in args]
+
+        @tf.custom_gradient
+        def call(*args):
+            with _serialized_for_tensorflow():
+                outs = list(self.forward(*args))
+
+            def grad(*cts):
+                return self._gradient(args, outs, cts)
+
+            return outs, grad
+
+        return list(call(*args))
+
+    def _gradient(self, args: list, outs: list, cts: Sequence) -> list:
+        wrt = tuple(i for i, a in enumerate(args) if _differentiable(a.dtype))
+        of = tuple(j for j, o in enumerate(outs) if _differentiable(o.dtype))
+        grads: list = [None] * len(args)
+        if not wrt or not of:
+            return grads
+        backward = self.backwards.get((wrt, of))
+        if backward is None:
+            backward = self.backwards[(wrt, of)] = self._backward(args, wrt, of)
+        cts = [tf.zeros_like(outs[j]) if cts[j] is None else cts[j] for j in of]
+        for i, g in zip(wrt, backward(*args, *cts), strict=True):
+            grads[i] = g
+        return grads
+
+    def _backward(self, args: list, wrt: tuple, of: tuple) -> "_Converted":
+        fun, n = self.fun, len(args)
+        specs = [
+            jax.ShapeDtypeStruct(tuple(a.shape.as_list()), a.dtype.as_numpy_dtype) for a in args
+        ]
+        outs, out_polys = jax2tf.eval_polymorphic_shape(fun, polymorphic_shapes=self.polys)(*specs)
+        ct_polys = [
+            None if all(isinstance(d, int) for d in outs[j].shape) else out_polys[j] for j in of
+        ]
+
+        def vjp(*args_and_cts):
+            args, cts = list(args_and_cts[:n]), list(args_and_cts[n:])
+
+            def of_wrt(*xs):
+                full = list(args)
+                for i, x in zip(wrt, xs, strict=True):
+                    full[i] = x
+                results = fun(*full)
+                return [results[j] for j in of]
+
+            _, pullback = jax.vjp(of_wrt, *(args[i] for i in wrt))
+            return list(pullback(cts))
+
+        return _Converted(vjp, self.polys + ct_polys, self.platforms)
+
+
+def _convert(
+    pure: Callable,
+    training: bool,
+    counts: tuple[int, int, bool],
+    x_def,
+    x_leaves,
+    platforms,
+) -> tuple[Callable, Callable]:
+    """(in-graph, eager) versions of the function for one input signature."""
+    n_params, n_state, has_rng = counts
+    n_fixed = n_params + n_state + int(has_rng)
+    out_def: list = [None]
+
+    def flat(*args):
+        rng = args[n_params + n_state] if has_rng else None
+        inputs = x_def.unflatten(args[n_fixed:])
+        result = pure(
+            list(args[:n_params]), list(args[n_params : n_params + n_state]), rng, inputs, training
+        )
+        leaves, out_def[0] = jax.tree.flatten(result)
+        return leaves
+
+    polys = [None] * n_fixed + [_poly_shape(i, shape) for i, (shape, _) in enumerate(x_leaves)]
+    converted_flat = _Converted(flat, polys, platforms)
+
+    def converted(params, state, rng, inputs):
+        fixed = [*params, *state, *([rng] if has_rng else [])]
+        outs = converted_flat(*fixed, *jax.tree.leaves(inputs))
+        return out_def[0].unflatten(outs)
+
     return converted, tf.function(converted, autograph=False)
 
 
-def compile_tensorflow(pure: Callable) -> Callable:
+def compile_tensorflow(pure: Callable, platforms: Sequence[str] | None = None) -> Callable:
+    """`run(params, state, rng, inputs, training)` through jax2tf.
+
+    Args:
+        pure: The layer's pure function.
+        platforms: The platforms to lower for (`native_serialization_platforms` of
+            `jax2tf.convert`, e.g. `("cpu", "tpu")`); None: the platform JAX runs on here.
+    """
+    platforms = None if platforms is None else tuple(platforms)
     converted: dict = {}
 
     @tf.autograph.experimental.do_not_convert
@@ -54,8 +272,14 @@ def compile_tensorflow(pure: Callable) -> Callable:
         key = (training, rng is not None, treedef, signature)
         fns = converted.get(key)
         if fns is None:
-            fns = converted[key] = _convert(pure, training, treedef, signature)
+            counts = (len(params), len(state), rng is not None)
+            fns = converted[key] = _convert(pure, training, counts, treedef, signature, platforms)
         # Eagerly, variables enter the tf.function as handles: it reads them in its graph.
         return fns[tf.executing_eagerly()](list(params), list(state), rng, inputs)
 
     return run
+
+
+def untouched_empty(shape, dtype) -> tf.Tensor:
+    """An uninitialized tensor: its pages are not resident until something writes them."""
+    return tf.raw_ops.Empty(shape=list(shape), dtype=tf.as_dtype(str(dtype)), init=False)

@@ -199,3 +199,12 @@ def compile_torch(pure: Callable, owner: str) -> Callable:
     # Under torch.compile (Keras's jit_compile=True), dynamo cannot trace into JAX: it runs this
     # call as it is (already compiled by XLA) and compiles the torch code around it.
     return torch.compiler.disable(run)
+
+
+def untouched_empty(shape, dtype) -> torch.Tensor:
+    """An uninitialized tensor: its pages are not resident until something writes them."""
+    return torch.empty(tuple(shape), dtype=_torch_dtype(keras_dtype_name(dtype)))
+
+
+def keras_dtype_name(dtype) -> str:
+    return str(dtype).split(".")[-1]
