@@ -17,7 +17,9 @@ EXTRAS := dev,tensorflow,torch,docs,hf
 
 # Keras backends the tests run under, each in its own pytest process.
 BACKENDS ?= jax tensorflow torch
-PYTEST_ARGS ?= -q -p no:cacheprovider
+# Two workers (the CI machine has 2 cores; compiling dominates), each test file on one worker so
+# that a file's shared fixtures are built once.
+PYTEST_ARGS ?= -q -p no:cacheprovider -n 2 --dist loadfile
 LINT_PATHS := src tests examples benchmarks docs
 
 .PHONY: all venv test pytest lint format docs demo bench clean help

@@ -3,9 +3,13 @@
 import os
 
 # Must happen before anything imports keras (the backend) or jax (8 CPU devices, so the
-# distribution tests have a mesh; single-device code still runs on the first).
+# distribution tests have a mesh; single-device code still runs on the first). The suite's
+# time is mostly XLA compiling tiny models: unoptimized code compiles ~20% faster, and every
+# comparison in a test runs under the same flags.
 os.environ.setdefault("KERAS_BACKEND", "jax")
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault(
+    "XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
+)
 
 import keras
 import numpy as np

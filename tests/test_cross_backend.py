@@ -21,19 +21,21 @@ import numpy as np, keras
 sys.path.insert(0, {tests!r})
 import backend_models
 import flaxlayer  # registers FlaxLayer with Keras, as a user script would
-data = np.load({data!r})
-model = keras.saving.load_model({path!r}, compile={compile})
-if not {compile}:
-    model.compile(keras.optimizers.SGD(0.05), "mse")
-pred = keras.ops.convert_to_numpy(model.predict(data["x"], verbose=0))
-np.testing.assert_allclose(pred, data["pred"], atol=1e-5)
-before = [np.array(w) for w in model.get_weights()]
-model.fit(data["x"], data["y"], epochs=1, batch_size=4, verbose=0)
-changed = [not np.allclose(a, b) for a, b in zip(before, model.get_weights())]
-# A bias feeding BatchNorm gets a zero gradient; every other weight and statistic moves.
-assert sum(changed) >= len(changed) - 1, changed
-print("LOADED OK", keras.backend.backend())
+for path, data in {files!r}:
+    data = np.load(data)
+    model = keras.saving.load_model(path, compile={compile})
+    if not {compile}:
+        model.compile(keras.optimizers.SGD(0.05), "mse")
+    pred = keras.ops.convert_to_numpy(model.predict(data["x"], verbose=0))
+    np.testing.assert_allclose(pred, data["pred"], atol=1e-5)
+    before = [np.array(w) for w in model.get_weights()]
+    model.fit(data["x"], data["y"], epochs=1, batch_size=4, verbose=0)
+    changed = [not np.allclose(a, b) for a, b in zip(before, model.get_weights())]
+    # A bias feeding BatchNorm gets a zero gradient; every other weight and statistic moves.
+    assert sum(changed) >= len(changed) - 1, changed
+    print("LOADED OK", keras.backend.backend(), path)
 """
+KINDS = ("linen", "nnx")
 
 
 def _model(kind):
@@ -47,33 +49,41 @@ def _model(kind):
     return model, x, y
 
 
-@pytest.mark.parametrize("kind", ["linen", "nnx"])
-def test_keras_file_loads_under_every_other_backend(kind, tmp_path):
-    model, x, y = _model(kind)
-    model.compile(keras.optimizers.SGD(0.05), "mse")
-    model.fit(x, y, epochs=1, batch_size=4, verbose=0)
-    path = str(tmp_path / "model.keras")
-    model.save(path)
-    data = str(tmp_path / "data.npz")
-    pred = keras.ops.convert_to_numpy(model.predict(x, verbose=0))
-    np.savez(data, x=x, y=y, pred=pred)
+@pytest.fixture(scope="module")
+def saved_files(tmp_path_factory):
+    """A trained Linen and NNX model saved under this backend, with their predictions."""
+    tmp_path = tmp_path_factory.mktemp("cross_backend")
+    files = []
+    for kind in KINDS:
+        model, x, y = _model(kind)
+        model.compile(keras.optimizers.SGD(0.05), "mse")
+        model.fit(x, y, epochs=1, batch_size=4, verbose=0)
+        path = str(tmp_path / f"{kind}.keras")
+        model.save(path)
+        data = str(tmp_path / f"{kind}.npz")
+        pred = keras.ops.convert_to_numpy(model.predict(x, verbose=0))
+        np.savez(data, x=x, y=y, pred=pred)
+        files.append((path, data))
+    return files
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_keras_file_loads_under_every_other_backend(backend, saved_files):
+    """Both files load in one fresh process per other backend, predict equally, keep training."""
+    if backend == keras.backend.backend():
+        pytest.skip("the files were saved under this backend")
     tests = os.path.dirname(__file__)
     # Keras 3.15 saves a torch-trained model's optimizer as its torch-only class, which no other
     # backend can run (a plain keras.layers.Dense model fails the same way): recompile there.
     compile = keras.backend.backend() != "torch"
-    for backend in BACKENDS:
-        if backend == keras.backend.backend():
-            continue
-        env = dict(os.environ, KERAS_BACKEND=backend)
-        result = subprocess.run(
-            [sys.executable, "-c", LOAD.format(tests=tests, data=data, path=path, compile=compile)],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=400,
-        )
-        assert result.returncode == 0, f"{backend}: {result.stderr[-3000:]}"
-        assert f"LOADED OK {backend}" in result.stdout
+    env = dict(os.environ, KERAS_BACKEND=backend)
+    code = LOAD.format(tests=tests, files=saved_files, compile=compile)
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=400
+    )
+    assert result.returncode == 0, f"{backend}: {result.stderr[-3000:]}"
+    for path, _ in saved_files:
+        assert f"LOADED OK {backend} {path}" in result.stdout
 
 
 def test_torch_tensor_on_a_device_jax_cannot_see_gives_clear_error():

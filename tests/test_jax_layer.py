@@ -9,7 +9,7 @@ import keras
 import numpy as np
 import pytest
 
-from conftest import make_data
+from conftest import make_data, to_numpy
 from flaxlayer import JaxLayer
 
 
@@ -300,7 +300,7 @@ def test_call_fn_inputs_matched_positionally():
 
     layer = JaxLayer(call_fn, params={"w": np.eye(2, dtype="float32")})
     x = np.arange(4, dtype="float32").reshape(2, 2)
-    np.testing.assert_allclose(np.asarray(layer(x)), x)
+    np.testing.assert_allclose(to_numpy(layer(x)), x)
 
 
 def test_call_fn_must_take_inputs_even_if_names_valid():

@@ -6,6 +6,7 @@ import keras
 import numpy as np
 import pytest
 
+from conftest import to_numpy
 from flaxlayer import FlaxLayer
 from models import EncoderModule
 
@@ -97,7 +98,7 @@ def test_method_function_inputs_argument_may_have_any_name():
     x = np.ones((2, 3), "float32")
     out = layer(x)
     expected = EncoderModule().apply(layer.flax_variables, x, method=EncoderModule.encode)
-    np.testing.assert_allclose(np.asarray(out), np.asarray(expected), atol=1e-6)
+    np.testing.assert_allclose(to_numpy(out), np.asarray(expected), atol=1e-6)
 
 
 def test_call_with_x_and_train_arguments():
@@ -108,8 +109,8 @@ def test_call_with_x_and_train_arguments():
 
     layer = FlaxLayer(RealCall())
     x = np.ones((2, 3), "float32")
-    inference = np.asarray(layer(x))
-    training = np.asarray(layer(x, training=True))
+    inference = to_numpy(layer(x))
+    training = to_numpy(layer(x, training=True))
     np.testing.assert_allclose(training - inference, np.ones((2, 2)), atol=1e-6)
 
 

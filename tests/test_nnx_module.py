@@ -120,7 +120,7 @@ def test_method_inputs_argument_may_have_any_name():
     module.eval()
     expected = np.asarray(module(np.ones((2, 3), "float32")))
     layer = FlaxLayer(module, method=call)
-    np.testing.assert_allclose(np.asarray(layer(np.ones((2, 3), "float32"))), expected, atol=1e-6)
+    np.testing.assert_allclose(_np(layer(np.ones((2, 3), "float32"))), expected, atol=1e-6)
 
 
 def test_method_function_whose_first_argument_is_not_module_raises():

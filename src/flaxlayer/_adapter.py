@@ -43,9 +43,7 @@ class Adapter:
         """Returns (outputs, new_state, summed auxiliary losses)."""
         raise NotImplementedError
 
-    def given(
-        self, initial: Any, expected: tuple[Any, Any] | None, inputs: Any
-    ) -> tuple[Any, Any]:
+    def given(self, initial: Any, expected: tuple[Any, Any] | None, inputs: Any) -> tuple[Any, Any]:
         """Checks user-given initial values; returns (params, state).
 
         `expected` is what `plan(inputs)` returned; values that differ from it are accepted

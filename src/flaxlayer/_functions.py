@@ -59,8 +59,9 @@ class FunctionAdapter(Adapter):
             return result, {}
         if not (isinstance(result, tuple) and len(result) == 2):
             raise ValueError(
-                f"{self.owner}: `call_fn` takes `state`, so `init_fn` {describe(self.init_fn)!r} must "
-                f"return a tuple (params, state); it returned {type(result).__name__}."
+                f"{self.owner}: `call_fn` takes `state`, so `init_fn` "
+                f"{describe(self.init_fn)!r} must return a tuple (params, state); it returned "
+                f"{type(result).__name__}."
             )
         return result
 

@@ -1,6 +1,7 @@
 """JaxLayer: the engine every flaxlayer layer runs on."""
 
 import contextlib
+import math
 import random
 from collections.abc import Callable
 from typing import Any
@@ -39,6 +40,8 @@ from flaxlayer._variables import (
 
 _MAX_SPEC_DEPTH = 100
 _PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
+# Models whose variables take at most this many bytes are initialized by one jitted program.
+_JIT_INIT_BYTES = 64 * 2**20
 # Unknown dimensions are probed at two sizes to tell which output dimensions follow them.
 _PROBE_SIZES = (8, 12)
 
@@ -297,7 +300,11 @@ class JaxLayer(keras.layers.Layer):
         ]
         core.written = {}
         core.pure = _make_pure(
-            adapter, core.params_layout, core.state_layout, self._owner_name(), state_casts,
+            adapter,
+            core.params_layout,
+            core.state_layout,
+            self._owner_name(),
+            state_casts,
             core.written,
         )
         core.run = compile_for_backend(
@@ -313,11 +320,21 @@ class JaxLayer(keras.layers.Layer):
             return adapter.given(core.initial, expected, inputs)
         if expected is None:
             return {}, {}
-        rng = _init_key(self._init_seed) if adapter.init_uses_rng else None
-        if layouts and adapter.init_uses_rng:
+        if not adapter.init_uses_rng:  # the values exist already (an NNX module)
+            return adapter.init(None, inputs)
+        rng = _init_key(self._init_seed)
+        if layouts:
             # Each leaf is created already sharded, never whole on one device.
             init = jax.jit(adapter.init, out_shardings=_sharding_trees(expected, layouts, adapter))
             return init(rng, _zeros(inputs))
+        if _nbytes(expected) <= _JIT_INIT_BYTES:
+            # One compiled program (XLA drops the forward pass) builds a small model about
+            # twice as fast as op-by-op evaluation; a large one is built op by op, which keeps
+            # the peak near the parameters' size.
+            try:
+                return jax.jit(lambda key: _init_without_forward(adapter.init, key, inputs))(rng)
+            except jax.errors.ConcretizationTypeError:
+                pass  # an init that branches on values runs op by op
         return _init_without_forward(adapter.init, rng, inputs)
 
     def _create_variables(self, layouts: dict | None, *, copy: bool, pending: bool) -> None:
@@ -380,8 +397,7 @@ class JaxLayer(keras.layers.Layer):
         core.loading = False
         params, state = self._initial_trees()
         values = [
-            _concrete(x)
-            for x in TreeLayout(params).take_leaves() + TreeLayout(state).take_leaves()
+            _concrete(x) for x in TreeLayout(params).take_leaves() + TreeLayout(state).take_leaves()
         ]
         for variable, value in zip(core.param_vars + core.state_vars, values, strict=True):
             if _compat.is_deferred(variable):
@@ -624,6 +640,32 @@ class JaxLayer(keras.layers.Layer):
         core.loading = core.pending = core.placeholders = False
         core.initial = None
 
+    def set_weights(self, weights) -> None:
+        """As `keras.layers.Layer.set_weights`; on a layer rebuilt from a config (not loaded
+        from a file), the values also become the first values of its deferred variables."""
+        core = self._core
+        if not (core.pending or core.placeholders):
+            return super().set_weights(weights)
+        variables = self.weights
+        if len(weights) != len(variables):
+            raise ValueError(
+                f"{self._owner_name()}: set_weights got {len(weights)} arrays for "
+                f"{len(variables)} weights."
+            )
+        for variable, value in zip(variables, weights, strict=True):
+            if tuple(np.shape(value)) != tuple(variable.shape):
+                raise ValueError(
+                    f"{self._owner_name()}: set_weights got shape {np.shape(value)} for "
+                    f"{variable.path}, whose shape is {tuple(variable.shape)}."
+                )
+        for variable, value in zip(variables, weights, strict=True):
+            if _compat.is_deferred(variable):
+                _compat.initialize_deferred(variable, np.asarray(value, variable.dtype))
+            else:
+                variable.assign(value)
+        core.loading = core.pending = core.placeholders = False
+        core.initial = None
+
     # ------------------------------------------------------------------------------ the trees
 
     @property
@@ -799,13 +841,22 @@ def _spec_from_config(data: Any, owner: str, path: tuple, *, abstract: bool = Fa
         if kind == "dict" and isinstance(value, list):
             out = {}
             for i, item in enumerate(value):
-                if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], (str, int))):
+                pair = isinstance(item, list) and len(item) == 2
+                if not (pair and isinstance(item[0], (str, int))):
                     raise fail((*where, "dict", i), "not a [key, value] pair.")
                 out[item[0]] = read(item[1], (*where, "dict", item[0]))
             return out
         raise fail(where, f"{node!r} is not an entry of a recorded structure.")
 
     return read(data, path)
+
+
+def _nbytes(trees: Any) -> int:
+    return sum(
+        math.prod(leaf.shape) * jnp.dtype(leaf.dtype).itemsize
+        for leaf in jax.tree.leaves(trees)
+        if hasattr(leaf, "shape") and hasattr(leaf, "dtype")
+    )
 
 
 def _zeros(structs: Any) -> Any:

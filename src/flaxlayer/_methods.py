@@ -59,9 +59,7 @@ def callable_methods(cls: type, framework: tuple[type, ...]) -> list[str]:
     )
 
 
-def resolve_method(
-    module: Any, method: Any, *, owner: str, framework: tuple[type, ...]
-) -> Method:
+def resolve_method(module: Any, method: Any, *, owner: str, framework: tuple[type, ...]) -> Method:
     cls = type(module)
     if method is None:
         fn, kind, name = method_by_name(cls, "__call__", framework), "call", "__call__"

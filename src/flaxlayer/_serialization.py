@@ -69,14 +69,9 @@ class SerializationError(ValueError):
 
     Example:
 
-    >>> import flax.linen as nn, keras
+    >>> import flax.linen as nn, jax.numpy as jnp
     >>> from flaxlayer import FlaxLayer, SerializationError
-    >>> class Scaled(nn.Module):
-    ...     fn: object
-    ...     @nn.compact
-    ...     def __call__(self, x):
-    ...         return self.fn(nn.Dense(2)(x))
-    >>> layer = FlaxLayer(Scaled(fn=lambda v: 2 * v))
+    >>> layer = FlaxLayer(nn.Dense(2, kernel_init=lambda key, shape, dtype: jnp.zeros(shape)))
     >>> try:
     ...     layer.get_config()
     ... except SerializationError as error:
@@ -126,7 +121,7 @@ def _as_dtype(value: Any) -> np.dtype | None:
 
 def _is_config(value: Any) -> bool:
     """A config object: a dataclass (not a module) or a `to_dict`/`from_dict` class."""
-    if isinstance(value, type) or isinstance(value, module_classes()) or _is_nnx_node(value):
+    if isinstance(value, (type, *module_classes())) or _is_nnx_node(value):
         return False
     if dataclasses.is_dataclass(value):
         return True
@@ -177,7 +172,7 @@ def config_type(annotation: Any) -> type | None:
     if origin in (typing.Union, types.UnionType):
         arms = [a for a in typing.get_args(annotation) if a is not type(None)]
         annotation = arms[0] if len(arms) == 1 else None
-    if not isinstance(annotation, type) or annotation is object:
+    if not isinstance(annotation, type) or annotation in (object, typing.Any):
         return None
     return annotation
 
@@ -306,7 +301,8 @@ class Encoder:
 
     def class_ref(self, cls: type, where: str, *, instantiated: bool = False) -> dict:
         ref = _ref(cls)
-        if "<locals>" in ref["qualname"] or _trust.lookup(ref["module"], ref["qualname"]) is not cls:
+        found = _trust.lookup(ref["module"], ref["qualname"])
+        if "<locals>" in ref["qualname"] or found is not cls:
             raise SerializationError(
                 f"{self.owner}: cannot save {where}: class {cls.__qualname__} is not defined at "
                 f"the top level of module {cls.__module__!r}, so it could not be found again "
@@ -432,11 +428,13 @@ class Encoder:
 
     def method_function(self, fn: Callable, module_cls: type) -> dict:
         """A `method=` function: registered, or defined next to the module's class."""
-        where = f"{module_cls.__name__}.method"
         registered = keras.saving.get_registered_name(fn)
-        if registered and keras.saving.get_registered_object(registered) is fn:
-            if registered != getattr(fn, "__name__", None):
-                return {TAG: "function", "registered": registered}
+        if (
+            registered
+            and registered != getattr(fn, "__name__", None)
+            and keras.saving.get_registered_object(registered) is fn
+        ):
+            return {TAG: "function", "registered": registered}
         name = getattr(fn, "__qualname__", "")
         module_name = getattr(fn, "__module__", None)
         if (
@@ -654,7 +652,8 @@ class Decoder:
         self.check(value, path, depth, declared)
         if bound is not None and not issubclass(self._classes[id(value)], bound):
             raise self.fail(
-                path, f"the class must be a subclass of {bound.__qualname__} (declared {declared!r})."
+                path,
+                f"the class must be a subclass of {bound.__qualname__} (declared {declared!r}).",
             )
 
     def _check_nnx_node(self, data, path, depth, declared) -> None:
@@ -900,7 +899,9 @@ class Decoder:
         cls = self._classes[id(data)]
         if "custom_config" in data:
             config = data["custom_config"]
-            return self._construct(path, lambda: cls.from_config(config), f"{cls.__name__}.from_config")
+            return self._construct(
+                path, lambda: cls.from_config(config), f"{cls.__name__}.from_config"
+            )
         fields = self._fields_of(data, path)
         return self._construct(path, lambda: cls(**fields), f"constructing {cls.__name__}")
 
@@ -939,9 +940,11 @@ class Decoder:
         if "key_impl" in data:
             impl = data["key_impl"]
             value = jax.eval_shape(
-                lambda: jax.random.split(jax.random.key(0, impl=impl), shape)
-                if shape
-                else jax.random.key(0, impl=impl)
+                lambda: (
+                    jax.random.split(jax.random.key(0, impl=impl), shape)
+                    if shape
+                    else jax.random.key(0, impl=impl)
+                )
             )
         else:
             # Abstract: the weights file holds the values, checked against this shape.

@@ -142,7 +142,6 @@ def bind(
             f"which the layer cannot fill. It passes the inputs to `{names['inputs']}`"
             + (f", {by_name} by name" if by_name else "")
             + ", the training flag to `training`, `train` or `is_training` and its negation to "
-            f"`deterministic`; any other argument needs a default. Give {shown} a default"
-            + hint
+            f"`deterministic`; any other argument needs a default. Give {shown} a default" + hint
         )
     return binding

@@ -24,9 +24,26 @@ import numpy as np
 # Elementwise, activation and reduction functions a module field may hold, and the layer
 # internals Flax's own modules keep as attributes. Never anything that creates arrays of a
 # size given by its arguments, prints, registers, configures or touches files.
-_ELEMENTWISE = ["abs", "absolute", "arccos", "arccosh", "arcsin", "arcsinh", "arctan", "arctan2", "arctanh", "cbrt", "ceil", "clip", "cos", "cosh", "deg2rad", "exp", "exp2", "expm1", "fabs", "floor", "fmax", "fmin", "log", "log10", "log1p", "log2", "logaddexp", "maximum", "minimum", "negative", "positive", "rad2deg", "reciprocal", "rint", "round", "sign", "sin", "sinc", "sinh", "sqrt", "square", "tan", "tanh", "trunc", "add", "subtract", "multiply", "divide", "true_divide", "power", "float_power", "nan_to_num"]
-_REDUCTIONS = ["sum", "mean", "max", "min", "amax", "amin", "prod", "std", "var", "median", "all", "any", "argmax", "argmin"]
-_ACTIVATIONS = ["celu", "elu", "gelu", "glu", "hard_sigmoid", "hard_silu", "hard_swish", "hard_tanh", "leaky_relu", "log_sigmoid", "log_softmax", "logsumexp", "mish", "relu", "relu6", "selu", "sigmoid", "silu", "soft_sign", "softmax", "softplus", "sparse_plus", "sparse_sigmoid", "squareplus", "standardize", "swish", "identity", "tanh"]
+# fmt: off
+_ELEMENTWISE = (
+    "abs", "absolute", "arccos", "arccosh", "arcsin", "arcsinh", "arctan", "arctan2", "arctanh",
+    "cbrt", "ceil", "clip", "cos", "cosh", "deg2rad", "exp", "exp2", "expm1", "fabs", "floor",
+    "fmax", "fmin", "log", "log10", "log1p", "log2", "logaddexp", "maximum", "minimum",
+    "negative", "positive", "rad2deg", "reciprocal", "rint", "round", "sign", "sin", "sinc",
+    "sinh", "sqrt", "square", "tan", "tanh", "trunc", "add", "subtract", "multiply", "divide",
+    "true_divide", "power", "float_power", "nan_to_num",
+)
+_REDUCTIONS = (
+    "sum", "mean", "max", "min", "amax", "amin", "prod", "std", "var", "median", "all", "any",
+    "argmax", "argmin",
+)
+_ACTIVATIONS = (
+    "celu", "elu", "gelu", "glu", "hard_sigmoid", "hard_silu", "hard_swish", "hard_tanh",
+    "leaky_relu", "log_sigmoid", "log_softmax", "logsumexp", "mish", "relu", "relu6", "selu",
+    "sigmoid", "silu", "soft_sign", "softmax", "softplus", "sparse_plus", "sparse_sigmoid",
+    "squareplus", "standardize", "swish", "identity", "tanh",
+)
+# fmt: on
 NUMERICAL_FUNCTIONS: tuple[str, ...] = (  # the first name of an object is the one saved
     *(f"jax.numpy.{n}" for n in (*_ELEMENTWISE, *_REDUCTIONS)),
     *(f"jax.nn.{n}" for n in _ACTIVATIONS),
@@ -50,22 +67,37 @@ NUMERICAL_FUNCTIONS: tuple[str, ...] = (  # the first name of an object is the o
     "jax.nn.initializers.ones",
 )
 #: Initializer factories (`normal(0.02)`, `variance_scaling(...)`): the only calls a file makes.
-INITIALIZER_FACTORIES: tuple[str, ...] = tuple(
-    f"jax.nn.initializers.{n}"
-    for n in ["constant", "delta_orthogonal", "glorot_normal", "glorot_uniform", "he_normal", "he_uniform", "kaiming_normal", "kaiming_uniform", "lecun_normal", "lecun_uniform", "normal", "orthogonal", "truncated_normal", "uniform", "variance_scaling", "xavier_normal", "xavier_uniform"]
-) + ("flax.linen.initializers.zeros_init", "flax.linen.initializers.ones_init")
+# fmt: off
+_FACTORY_NAMES = (
+    "constant", "delta_orthogonal", "glorot_normal", "glorot_uniform", "he_normal", "he_uniform",
+    "kaiming_normal", "kaiming_uniform", "lecun_normal", "lecun_uniform", "normal", "orthogonal",
+    "truncated_normal", "uniform", "variance_scaling", "xavier_normal", "xavier_uniform",
+)
+# fmt: on
+INITIALIZER_FACTORIES: tuple[str, ...] = (
+    *(f"jax.nn.initializers.{n}" for n in _FACTORY_NAMES),
+    "flax.linen.initializers.zeros_init",
+    "flax.linen.initializers.ones_init",
+)
 #: Initializers may be set whole but not wrapped in functools.partial (a bound `shape` would
 #: size an array by the file).
 _INITIALIZER_NAMES = ("jax.nn.initializers.zeros", "jax.nn.initializers.ones")
 
 #: Packages whose module classes grant no trust to the functions of their modules: their
 #: modules hold registries, printers and documentation helpers, not a model's functions.
+# fmt: off
 LIBRARY_PACKAGES = frozenset(
-    ["flax", "jax", "jaxlib", "numpy", "keras", "flaxlayer", "transformers", "optax", "haiku", "tensorflow", "torch", "orbax", "scipy", "ml_dtypes", "chex", "einops"]
+    (
+        "flax", "jax", "jaxlib", "numpy", "keras", "flaxlayer", "transformers", "optax", "haiku",
+        "tensorflow", "torch", "orbax", "scipy", "ml_dtypes", "chex", "einops",
+    )
 )
+# fmt: on
 
-_DTYPE_NAME = re.compile(r"^(bool|u?int(4|8|16|32|64)|float(16|32|64)|bfloat16|complex(64|128)|"
-                         r"float8_\w+|float4_\w+)$")
+_DTYPE_NAME = re.compile(
+    r"^(bool|u?int(4|8|16|32|64)|float(16|32|64)|bfloat16|complex(64|128)|"
+    r"float8_\w+|float4_\w+)$"
+)
 
 
 class Refused(Exception):
