@@ -1,19 +1,22 @@
 # Developer and CI entry points. Everything runs from ./.venv, created on first use.
-#   make venv    create .venv and install the package with its dev extras (once)
-#   make test    ruff check + ruff format --check, the docs build, then pytest once per backend
+#   make demo    install only what the demo needs (flaxlayer, JAX, scikit-learn), then train the
+#                seed's Flax CNN as a Keras layer on scikit-learn's digits
+#   make venv    create .venv and install the package with every extra (once)
+#   make test    ruff, the docs build, then pytest once per backend (the wheel is checked there)
 #   make docs    build the documentation site into site/ (mkdocs --strict, offline)
-#   make demo    train the seed's Flax CNN as a Keras layer on scikit-learn's digits
-#   make bench   benchmarks vs keras.layers.FlaxLayer and Flax + Optax (fails if a target is missed)
+#   make dist    build the wheel and sdist into dist/ and check them (twine check)
+#   make bench   benchmarks vs keras.layers.FlaxLayer and Flax + Optax (exits 1 if a goal is missed)
 #   make lint    ruff check;  make format: ruff format + ruff check --fix
 
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+DEMO_STAMP := $(VENV)/.installed-demo
 # torch is installed alone first, pinned: this version is a CPU wheel on local disk; any other
 # one pulls a multi-GB CUDA build.
 TORCH := torch==2.13.0
-EXTRAS := dev,tensorflow,torch,docs,hf
+EXTRAS := dev,tensorflow,torch,docs,hf,demo
 
 # Keras backends the tests run under, each in its own pytest process.
 BACKENDS ?= jax tensorflow torch
@@ -22,23 +25,30 @@ BACKENDS ?= jax tensorflow torch
 PYTEST_ARGS ?= -q -p no:cacheprovider -n 2 --dist loadfile
 LINT_PATHS := src tests examples benchmarks docs
 
-.PHONY: all venv test pytest lint format docs demo bench clean help
+.PHONY: all venv test pytest lint format docs dist demo bench clean help
 
 all: test
 
 help:
-	@sed -n '2,7p' Makefile
+	@sed -n '2,10p' Makefile
 
 venv: $(STAMP)
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-# Reinstalls only when pyproject.toml changes (or the stamp is removed).
-$(STAMP): pyproject.toml | $(BIN)/python
+# Reinstalls only when pyproject.toml or constraints.txt changes (or the stamp is removed).
+# constraints.txt pins the lowest versions pyproject.toml supports: the ones every test runs on.
+$(STAMP): pyproject.toml constraints.txt | $(BIN)/python
 	$(BIN)/python -m pip install --upgrade pip
 	$(BIN)/pip install $(TORCH)
-	$(BIN)/pip install -e ".[$(EXTRAS)]"
+	$(BIN)/pip install -e ".[$(EXTRAS)]" -c constraints.txt
+	@touch $@ $(DEMO_STAMP)
+
+# The demo's own install: the package and its demo extra (scikit-learn), nothing else. A venv
+# that `make venv` filled already has it.
+$(DEMO_STAMP): pyproject.toml constraints.txt | $(BIN)/python
+	$(BIN)/pip install -e ".[demo]" -c constraints.txt
 	@touch $@
 
 lint: venv
@@ -67,9 +77,17 @@ pytest: venv
 docs: venv
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
 
+# The wheel and sdist a release would upload, built without network access (--no-isolation:
+# setuptools and build come from the dev extra) and checked by twine.
+dist: venv
+	rm -rf dist
+	$(BIN)/python -m build --no-isolation --outdir dist . > dist.log 2>&1 || (cat dist.log; exit 1)
+	@rm -f dist.log
+	$(BIN)/twine check --strict dist/*
+
 test: lint docs pytest
 
-demo: venv
+demo: $(DEMO_STAMP)
 	$(BIN)/python examples/demo.py
 
 # ours vs keras.layers.FlaxLayer vs hand-written Flax + Optax (fit, eager calls, build, backends);
@@ -79,5 +97,5 @@ bench: venv
 	$(BIN)/python benchmarks/run.py $(BENCH_ARGS)
 
 clean:
-	rm -rf build site src/*.egg-info .pytest_cache .ruff_cache
+	rm -rf build dist site src/*.egg-info .pytest_cache .ruff_cache
 	find . -name __pycache__ -type d -not -path './$(VENV)/*' -prune -exec rm -rf {} +

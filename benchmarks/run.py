@@ -366,7 +366,7 @@ def analyse(items, builds, config, sections, meta) -> dict:
                 thr = Stat.of([samples / s for s in item.seconds])
                 vs_ref = Stat.of(_per_repeat(ref, item))
                 chart[workload][variant] = vs_ref
-                vs_keras = ""
+                vs_keras = "—"
                 if variant.startswith("ours/"):
                     keras_item = _find(items, "jax", key, variant.replace("ours", "keras"))
                     ratio = Stat.of(_per_repeat(keras_item, item))
@@ -414,7 +414,7 @@ def analyse(items, builds, config, sections, meta) -> dict:
                 ms = Stat.of([1000 * s for s in item.seconds])
                 chart[batch][variant] = ms
                 vs_ref = Stat.of(_per_repeat(item, ref))
-                speedup = ""
+                speedup = "—"
                 if variant.startswith("ours/"):
                     keras_item = _find(items, "jax", key, variant.replace("ours", "keras"))
                     speedup = f"{Stat.of(_per_repeat(keras_item, item)).fmt('.1f')}x"
@@ -546,14 +546,6 @@ TITLES = {
 }
 
 
-CHART_TITLES = {
-    "fit": "(a) fit throughput / jitted Optax step's",
-    "eager": "(b) eager layer(x), predict_on_batch latency",
-    "build": "(c) building over 1 GiB of params",
-    "backends": "(d) other Keras backends vs JAX",
-}
-
-
 def _machine(meta: dict) -> str:
     cpu = platform.processor() or platform.machine()
     try:
@@ -601,6 +593,13 @@ def _summary_lines(analysis: dict) -> list[str]:
             )
         )
     lines += [row for _, row in sorted(rows, key=lambda r: r[0])]  # stable: by target
+    missed = sum(" FAIL |" in row for _, row in rows)
+    lines += [
+        "",
+        f"{len(rows) - missed} of {len(rows)} goals met, {missed} missed (FAIL). `make bench` "
+        "exits 1 when any goal is missed"
+        + (", as it did for this run." if missed else "; it exited 0 for this run."),
+    ]
     return lines
 
 
@@ -684,87 +683,186 @@ def _fit_note(config: dict) -> str:
     )
 
 
+# Who each bar measures, by colour; every panel's legend names the colours it uses.
+LIBRARY_COLORS = {
+    "flaxlayer": ("tab:blue", "flaxlayer"),
+    "keras": ("tab:orange", "keras.layers.FlaxLayer"),
+    "reference": ("tab:green", "hand-written JAX / Flax reference"),
+    "native": ("tab:gray", "the same model in Keras layers"),
+}
+VARIANT_LIBRARY = {
+    "ours": "flaxlayer",
+    "nnx": "flaxlayer",
+    "jaxlayer": "flaxlayer",
+    "flaxlayer": "flaxlayer",
+    "keras": "keras",
+    "optax": "reference",
+    "apply": "reference",
+    "init": "reference",
+}
+
+
+def chart_panels(analysis: dict, sections: set) -> list[dict]:
+    """One panel per question: title, bars (label, Stat, library), goal lines, axis."""
+    chart, panels = analysis["chart"], []
+
+    def library(variant: str) -> str:
+        return VARIANT_LIBRARY[variant.split("/")[0]]
+
+    if "fit" in sections:
+        bars = [
+            (
+                f"{workload.upper() if workload == 'cnn' else 'tiny MLP'}: {_variant_label(v)}",
+                stat,
+                library(v),
+            )
+            for workload, per in chart["fit"].items()
+            for v, stat in per.items()
+            if v != "optax/step"
+        ]
+        panels.append(
+            {
+                "title": "fit throughput / a jitted Flax + Optax step's (higher is better)",
+                "bars": bars,
+                "lines": [
+                    (1.0, "gray", "-", "the jitted Flax + Optax step"),
+                    (OPTAX_TARGET, "red", "--", f"goal on the CNN: {OPTAX_TARGET}x"),
+                ],
+                "xlabel": "throughput relative to the jitted step",
+                "log": False,
+            }
+        )
+    if "eager" in sections:
+        bars = [
+            (f"batch {batch}: {_variant_label(v)}", stat, library(v))
+            for batch, per in chart["eager"].items()
+            for v, stat in per.items()
+        ]
+        panels.append(
+            {
+                "title": "How fast is an eager call? Latency in ms (log scale; lower is better)",
+                "bars": bars,
+                "lines": [],
+                "xlabel": "milliseconds per call",
+                "log": True,
+            }
+        )
+    if "build" in sections:
+        data = chart["build"]
+        for index, (title, goal, xlabel) in enumerate(
+            (
+                (
+                    "Building over 1 GiB: peak memory / the params' bytes (lower is better)",
+                    MEMORY_TARGET,
+                    "peak memory / param bytes",
+                ),
+                (
+                    "Building over 1 GiB: time / a plain module.init's (lower is better)",
+                    1.0,
+                    "build time / plain module.init",
+                ),
+            )
+        ):
+            bars = [(LABELS[case], data[case][index], library(case)) for case in data]
+            panels.append(
+                {
+                    "title": title,
+                    "bars": bars,
+                    "lines": [(goal, "red", "--", f"goal: at most {goal}x")],
+                    "xlabel": xlabel,
+                    "log": False,
+                }
+            )
+    if "backends" in sections:
+        data = chart["backends"]
+        fit = {b: v for b, v in data.items() if not b.endswith(" eager")}
+        bars = []
+        for backend, (ours, native) in fit.items():
+            bars.append((f"{backend}: flaxlayer.FlaxLayer", ours, "flaxlayer"))
+            bars.append((f"{backend}: the CNN in Keras layers", native, "native"))
+        panels.append(
+            {
+                "title": "Other backends: CNN fit step time / the JAX backend's (lower is better)",
+                "bars": bars,
+                "lines": [
+                    (1.0, "gray", "-", "JAX backend"),
+                    (BACKEND_TARGET, "red", "--", f"goal: at most {BACKEND_TARGET}x"),
+                ],
+                "xlabel": "step time relative to JAX",
+                "log": False,
+            }
+        )
+        eager = [(b.split()[0], v[0]) for b, v in data.items() if b.endswith(" eager")]
+        panels.append(
+            {
+                "title": "Other backends: eager layer(x) / jax.jit(module.apply) (lower is better)",
+                "bars": [
+                    (f"{backend}: flaxlayer.FlaxLayer layer(x)", stat, "flaxlayer")
+                    for backend, stat in eager
+                ],
+                "lines": [(EAGER_TARGET, "red", "--", f"goal: at most {EAGER_TARGET}x")],
+                "xlabel": "latency relative to jax.jit(module.apply)",
+                "log": False,
+            }
+        )
+    return panels
+
+
 def draw_chart(path: Path, analysis: dict, sections: set) -> bool:
+    """One horizontal bar panel per question, stacked, labels on the bars' left: readable at
+    the width of a page. Median bars with min-max whiskers."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.patches import Patch
     except ImportError:
         print("matplotlib is not installed: the chart is skipped (pip install matplotlib).")
         return False
-    chart = analysis["chart"]
-    panels = [s for s in SECTIONS if s in sections]
-    cols = min(2, len(panels))
-    rows = (len(panels) + cols - 1) // cols
-    fig, grid = plt.subplots(rows, cols, figsize=(6.4 * cols, 4.8 * rows), squeeze=False)
-    axes = grid.flatten()
-    for ax in axes[len(panels) :]:
-        ax.set_visible(False)
-
-    def bars(ax, labels, stats, colors):
-        xs = range(len(labels))
-        med = [s.median for s in stats]
-        err = [[s.median - s.low for s in stats], [s.high - s.median for s in stats]]
-        ax.bar(xs, med, yerr=err, color=colors, capsize=3)
-        ax.set_xticks(list(xs), labels, rotation=60, ha="right", fontsize=7)
-
-    color = {"ours": "tab:blue", "keras": "tab:orange", "optax": "tab:green", "apply": "tab:green"}
-    for ax, section in zip(axes[: len(panels)], panels, strict=True):
-        data = chart[section]
-        if section == "fit":
-            labels, stats, colors = [], [], []
-            for workload, per in data.items():
-                for variant, stat in per.items():
-                    if variant == "optax/step":
-                        continue
-                    labels.append(f"{workload}: {variant}")
-                    stats.append(stat)
-                    colors.append(color[variant.split("/")[0]])
-            bars(ax, labels, stats, colors)
-            ax.axhline(1.0, color="gray", lw=0.8)
-            ax.axhline(OPTAX_TARGET, color="red", ls="--", lw=0.8, label="T2 (cnn, spe1)")
-            ax.set_ylabel("throughput / jitted Optax step's")
-            ax.legend(fontsize=7)
-        elif section == "eager":
-            labels, stats, colors = [], [], []
-            for batch, per in data.items():
-                for variant, stat in per.items():
-                    labels.append(f"b{batch}: {variant}")
-                    stats.append(stat)
-                    colors.append(color.get(variant.split("/")[0], "tab:purple"))
-            bars(ax, labels, stats, colors)
-            ax.set_yscale("log")
-            ax.set_ylabel("latency (ms, log)")
-        elif section == "build":
-            labels = [LABELS[c] for c in data]
-            peak = [data[c][0] for c in data]
-            time_ = [data[c][1] for c in data]
-            names = [f"peak: {lb}" for lb in labels] + [f"time: {lb}" for lb in labels]
-            bars(ax, names, peak + time_, ["tab:blue", "tab:green", "tab:orange"] * 2)
-            ax.axhline(MEMORY_TARGET, color="red", ls="--", lw=0.8, label="T3 peak")
-            ax.axhline(1.0, color="gray", lw=0.8)
-            ax.set_ylabel("peak / param bytes;  time / module.init")
-            ax.legend(fontsize=7)
-        else:
-            fit = {b: v for b, v in data.items() if not b.endswith(" eager")}
-            eager = {b: v[0] for b, v in data.items() if b.endswith(" eager")}
-            labels = [f"fit {b}: flaxlayer" for b in fit] + [f"fit {b}: Keras layers" for b in fit]
-            stats = [v[0] for v in fit.values()] + [v[1] for v in fit.values()]
-            colors = ["tab:blue"] * len(fit) + ["tab:gray"] * len(fit)
-            labels += [f"layer(x) {b.split()[0]} / jit apply" for b in eager]
-            stats += list(eager.values())
-            colors += ["tab:purple"] * len(eager)
-            bars(ax, labels, stats, colors)
-            ax.axhline(BACKEND_TARGET, color="red", ls="--", lw=0.8, label="T4 (fit)")
-            ax.axhline(EAGER_TARGET, color="purple", ls=":", lw=0.8, label="T1 (eager)")
-            ax.set_yscale("log")
-            ax.set_ylabel("ratio (log): fit step / JAX's; layer(x) / jit apply")
-            ax.legend(fontsize=7)
-        ax.set_title(CHART_TITLES[section], fontsize=9)
-    fig.suptitle("flaxlayer benchmarks (median, min-max over interleaved repeats)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    panels = chart_panels(analysis, sections)
+    heights = [1.2 + 0.28 * len(p["bars"]) for p in panels]
+    fig, axes = plt.subplots(
+        len(panels),
+        1,
+        figsize=(12, sum(heights)),
+        squeeze=False,
+        gridspec_kw={"height_ratios": heights},
+    )
+    for ax, panel in zip(axes[:, 0], panels, strict=True):
+        labels = [label for label, _, _ in panel["bars"]]
+        stats = [stat for _, stat, _ in panel["bars"]]
+        libraries = [lib for _, _, lib in panel["bars"]]
+        ys = list(range(len(labels)))[::-1]
+        med = [st.median for st in stats]
+        err = [[st.median - st.low for st in stats], [st.high - st.median for st in stats]]
+        ax.barh(
+            ys,
+            med,
+            xerr=err,
+            color=[LIBRARY_COLORS[lib][0] for lib in libraries],
+            capsize=3,
+            height=0.7,
+        )
+        ax.set_yticks(ys, labels, fontsize=9)
+        if panel["log"]:
+            ax.set_xscale("log")
+        handles = [
+            Patch(color=LIBRARY_COLORS[lib][0], label=LIBRARY_COLORS[lib][1])
+            for lib in LIBRARY_COLORS
+            if lib in libraries
+        ]
+        for value, color, style, label in panel["lines"]:
+            handles.append(ax.axvline(value, color=color, ls=style, lw=1, label=label))
+        ax.legend(handles=handles, fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+        ax.set_title(panel["title"], fontsize=10)
+        ax.set_xlabel(panel["xlabel"], fontsize=9)
+        ax.tick_params(axis="x", labelsize=8)
+    fig.suptitle(
+        "flaxlayer benchmarks: median, whiskers min-max over interleaved repeats", fontsize=11
+    )
+    fig.tight_layout(rect=(0, 0, 1, 0.985))
+    fig.savefig(path, dpi=90)
     plt.close(fig)
     return True
 

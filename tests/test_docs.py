@@ -10,8 +10,12 @@
   just before a block starts a new process from that block on (e.g. a block that must run
   before JAX is initialized); `<!-- docs-test: output -->` just before a non-python block says
   the block is what the python block before it prints (compared with doctest's checker,
-  normalizing whitespace; `...` matches anything). Pages without a backend run with
-  `KERAS_BACKEND=jax`, once, in the jax session.
+  normalizing whitespace; `...` matches anything); `<!-- docs-test: raises -->` just before a
+  python block says the block must raise: `ExceptionType: message` is what it prints, and an
+  output block after it holds the message the page shows (the Troubleshooting page's messages
+  are checked against the code this way); `<!-- docs-test: warns -->` likewise prints each
+  warning the block issues as `Category: message` (deprecation warnings aside). Pages
+  without a backend run with `KERAS_BACKEND=jax`, once, in the jax session.
 - Other blocks (```bash, plain ```) are not run, but every `make X` they (or inline code) name
   must be a Makefile target, and every repository path named anywhere outside python blocks
   (`examples/...`, `benchmarks/...`, ...) must exist.
@@ -56,12 +60,33 @@ MAKE_IN_PROSE = re.compile(r"`make\s+([a-z][\w-]*)[^`]*`")
 # file's name and line offset, so a traceback shows the failing line of the page.
 # A marker line is printed before each block, to attribute the output to blocks.
 MARKER = "\x1edocs-test block "
+# A block marked `raises` prints its exception instead of failing, and NO_EXCEPTION if it does
+# not raise; a block marked `warns` prints the warnings it issues.
+NO_EXCEPTION = "(the block raised no exception)"
 RUNNER = (
-    "import json as _json, sys as _sys\n"
-    "for _path, _line, _code in _json.load(open(_sys.argv[1])):\n"
+    "import json as _json, sys as _sys, warnings as _warnings\n"
+    "for _path, _line, _code, _mode in _json.load(open(_sys.argv[1])):\n"
     f"    print({MARKER!r} + str(_line), flush=True)\n"
-    "    exec(compile('\\n' * (_line - 1) + _code, _path, 'exec'))\n"
+    "    _code = compile('\\n' * (_line - 1) + _code, _path, 'exec')\n"
+    "    if _mode == 'raises':\n"
+    "        try:\n"
+    "            exec(_code)\n"
+    "        except Exception as _e:\n"
+    "            print(f'{type(_e).__name__}: {_e}')\n"
+    "        else:\n"
+    f"            print({NO_EXCEPTION!r})\n"
+    "    elif _mode == 'warns':\n"
+    "        with _warnings.catch_warnings(record=True) as _caught:\n"
+    "            _warnings.simplefilter('always')\n"
+    "            _warnings.simplefilter('ignore', DeprecationWarning)\n"
+    "            _warnings.simplefilter('ignore', PendingDeprecationWarning)\n"
+    "            exec(_code)\n"
+    "        for _w in _caught:\n"
+    "            print(f'{_w.category.__name__}: {_w.message}')\n"
+    "    else:\n"
+    "        exec(_code)\n"
 )
+MODES = ("raises", "warns")
 
 
 class Block:
@@ -69,6 +94,7 @@ class Block:
         self.language, self.line, self.code = language, line, code
         self.new_process = "new-process" in directives
         self.is_output = "output" in directives
+        self.mode = next((m for m in MODES if m in directives), None)
 
 
 def parse(path: Path) -> tuple[list[Block], dict[str, str], str]:
@@ -82,7 +108,7 @@ def parse(path: Path) -> tuple[list[Block], dict[str, str], str]:
         if not m:
             for d in DIRECTIVE.finditer(lines[i]):
                 for word in d.group("body").split():
-                    if word in ("new-process", "output"):
+                    if word in ("new-process", "output", *MODES):
                         pending.add(word)
                     elif "=" in word:
                         key, value = word.split("=", 1)
@@ -180,10 +206,15 @@ def test_page_python_blocks_run(page, tmp_path):
         pytest.skip(RUN_ONCE)
 
     expected = expected_outputs(page, blocks)
+    unchecked = [b.line for b in blocks if b.mode and b.line not in expected]
+    assert not unchecked, (
+        f"{page_id(page)}: the blocks at lines {unchecked} are marked raises/warns but no "
+        "output block follows them with the message to check"
+    )
     problems = []
     for n, segment in enumerate(segments(blocks)):
         spec = tmp_path / f"blocks_{n}.json"
-        spec.write_text(json.dumps([[str(page), b.line, b.code] for b in segment]))
+        spec.write_text(json.dumps([[str(page), b.line, b.code, b.mode] for b in segment]))
         result = subprocess.run(
             [sys.executable, "-c", RUNNER, str(spec)],
             cwd=tmp_path,
@@ -289,6 +320,26 @@ def test_output_attribution_and_comparison(tmp_path):
     assert printed == {5: "1\n", 21: "2\n"}
     assert check_output(page, blocks[1], printed[5]) is None
     assert "prints something else" in check_output(page, blocks[1], "2\n")
+
+
+def test_raises_and_warns_blocks_print_what_they_raise_and_warn(tmp_path):
+    spec = tmp_path / "blocks.json"
+    blocks = [
+        ["page.md", 1, "raise ValueError('bad `x`')\n", "raises"],
+        ["page.md", 2, "x = 1\n", "raises"],
+        ["page.md", 3, "import warnings\nwarnings.warn('careful')\n", "warns"],
+        ["page.md", 5, "print(x)\n", None],
+    ]
+    spec.write_text(json.dumps(blocks))
+    result = subprocess.run(
+        [sys.executable, "-c", RUNNER, str(spec)], capture_output=True, text=True, check=True
+    )
+    assert outputs_by_block(result.stdout) == {
+        1: "ValueError: bad `x`\n",
+        2: NO_EXCEPTION + "\n",
+        3: "UserWarning: careful\n",
+        5: "1\n",
+    }
 
 
 def test_performance_page_embeds_every_section_of_the_benchmark_results():

@@ -137,6 +137,13 @@ def test_unknown_method_name_raises():
     assert "encode" in message  # lists what is available
 
 
+def test_a_dataclass_field_holding_a_function_is_not_a_method():
+    # nn.Dense's `kernel_init` is a function-valued field, not a method to call.
+    with pytest.raises(ValueError, match="defines no method of that name") as info:
+        FlaxLayer(nn.Dense(2), method="kernel_init")
+    assert "Its methods: __call__." in str(info.value)
+
+
 def test_default_layer_name_in_error():
     with pytest.raises(ValueError, match="FlaxLayer 'flax_layer'"):
         FlaxLayer(EncoderModule(), method="no_such_method")

@@ -222,6 +222,43 @@ def test_module_arrays_are_moved_not_copied():
         )
 
 
+def test_module_used_after_its_arrays_moved_says_where_they_went():
+    module = MLP(3, 2, rngs=nnx.Rngs(0))
+    model = keras.Sequential([keras.Input((3,)), FlaxLayer(module, name="mlp")])
+    model.compile(optimizer="adam", loss="mse")
+    model.fit(_x(16), _y(16), epochs=1, batch_size=8, verbose=0)
+    with pytest.raises(RuntimeError) as caught:
+        module(_x())
+    message = str(caught.value)
+    assert "FlaxLayer 'mlp'" in message
+    assert "module = layer.module" in message
+    assert "nnx.update(module, layer.flax_variables)" in message
+    assert "deleted" not in message  # not JAX's donated-buffer error
+    # Reading a value as an array is refused the same way; shape and dtype stay readable.
+    with pytest.raises(RuntimeError, match="FlaxLayer 'mlp'"):
+        np.asarray(module.linear1.kernel[...])
+    assert module.linear1.kernel.get_value().shape == (3, 8)
+    # The documented way back works, and the module runs again.
+    nnx.update(module, model.layers[0].flax_variables)
+    module.eval()
+    np.testing.assert_allclose(np.asarray(module(_x())), model.predict(_x(), verbose=0), atol=1e-5)
+
+
+def test_wrapping_a_module_whose_arrays_moved_is_refused_at_construction():
+    module = MLP(3, 2, rngs=nnx.Rngs(0))
+    FlaxLayer(module, name="first").build((None, 3))
+    with pytest.raises(ValueError, match=r"FlaxLayer 'second'.*FlaxLayer 'first'"):
+        FlaxLayer(module, name="second")
+
+
+def test_module_given_variables_keeps_its_own_arrays():
+    module = MLP(3, 2, rngs=nnx.Rngs(0))
+    layer = FlaxLayer(module, variables=nnx.state(MLP(3, 2, rngs=nnx.Rngs(1))))
+    layer(_x())
+    module.eval()
+    assert np.asarray(module(_x())).shape == (8, 2)  # the layer took nothing from it
+
+
 # ------------------------------------------------------------------------------ point 5
 
 

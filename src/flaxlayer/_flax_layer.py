@@ -12,16 +12,20 @@ from flaxlayer._linen import LinenAdapter
 from flaxlayer._methods import Method, method_by_name
 from flaxlayer._nnx import NNXAdapter
 from flaxlayer._serialization import Decoder, Encoder, SerializationError
+from flaxlayer._types import FlaxVariables, MethodSpec, Module
 
 
 @keras.saving.register_keras_serializable(package="flaxlayer")
 class FlaxLayer(JaxLayer):
     """Keras layer that wraps a Flax module.
 
-    The module's `method` (default `__call__`) must take `inputs` (an array or a pytree of
-    arrays) and may take `training` (True in `fit`, False in `predict`, `evaluate` and plain
-    calls). `method` may also be a method name, a bound method of the module, or a function
-    whose first argument is `module`.
+    The module's `method` (default `__call__`) gets the inputs (an array or a pytree of arrays)
+    in its first argument, whatever its name. An argument named `training`, `train` or
+    `is_training` gets the training flag (True in `fit`, False in `predict`, `evaluate` and
+    plain calls), one named `deterministic` its negation; other arguments keep their defaults,
+    and a further required one is a `ValueError` showing the wrapper function to write. So
+    `__call__(self, x, train: bool = True)` works as written. `method` may also be a method
+    name, a bound method of the module, or a function whose first argument is the module.
 
     The "params" collection becomes trainable Keras variables; every other collection the module
     creates at init (batch_stats, counters, caches) becomes non-trainable variables, updated after
@@ -35,8 +39,10 @@ class FlaxLayer(JaxLayer):
     Args:
         module: A `flax.linen.Module` or a `flax.nnx.Module` instance.
         method: The method to call; see above.
-        variables: The variables dict `module.init` returns (e.g. trained ones), used instead of
-            initializing at build time. Checked against what the module creates.
+        variables: The variables `module.init` returns (Linen; e.g. trained ones) or an
+            `nnx.State` (NNX), used instead of initializing at build time. Checked by applying
+            the module to them abstractly, so a decode cache initialised for the full length
+            is accepted.
         **kwargs: Keras layer arguments (`name`, `dtype`, `trainable`, ...), `seed` and
             `native_serialization_platforms` (see `JaxLayer`).
 
@@ -51,7 +57,13 @@ class FlaxLayer(JaxLayer):
     >>> out = nn.Dense(3).apply(layer.flax_variables, jnp.ones((2, 4)))  # back to pure Flax
     """
 
-    def __init__(self, module: Any, method: Any = None, variables: Any = None, **kwargs):
+    def __init__(
+        self,
+        module: Module,
+        method: MethodSpec | None = None,
+        variables: FlaxVariables | None = None,
+        **kwargs: Any,
+    ):
         seed = kwargs.pop("seed", None)
         platforms = kwargs.pop("native_serialization_platforms", None)
         # FlaxLayer has no call_fn/init_fn of its own: it skips JaxLayer.__init__ and gives the
@@ -63,7 +75,7 @@ class FlaxLayer(JaxLayer):
         self._setup(adapter, variables, seed, platforms, kwargs)
 
     @property
-    def module(self) -> Any:
+    def module(self) -> Module:
         """The wrapped module.
 
         For NNX, once built: a new module holding a copy of the layer's current values (the
@@ -74,7 +86,7 @@ class FlaxLayer(JaxLayer):
         return self._core.adapter.module_object(self)
 
     @property
-    def flax_variables(self) -> dict:
+    def flax_variables(self) -> FlaxVariables:
         """A copy of the current values, in the format `module.init` returns.
 
         `module.apply(layer.flax_variables, x)` gives what the layer gives: train in Keras,

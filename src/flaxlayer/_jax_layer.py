@@ -3,7 +3,7 @@
 import contextlib
 import math
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -31,6 +31,7 @@ from flaxlayer._distribution import (
 from flaxlayer._functions import FunctionAdapter
 from flaxlayer._serialization import SerializationError
 from flaxlayer._trust import Refused, dtype_from_name
+from flaxlayer._types import PyTree
 from flaxlayer._variables import (
     TreeLayout,
     create_variables,
@@ -140,11 +141,12 @@ class JaxLayer(keras.layers.Layer):
     """A Keras layer from a pure JAX function: plain JAX, Haiku, or anything `init`/`apply`-shaped.
 
     `call_fn` takes any of `params`, `state`, `rng`, `inputs`, `training` by those names, in any
-    order (`inputs` is required). `init_fn` takes any of `rng`, `inputs`, `training` (`inputs`
-    required) and is run at build time on zeros shaped like the first inputs (unknown dimensions
-    become 1). When `call_fn` takes `state`, it returns `(outputs, new_state)` and `init_fn`
-    returns `(params, state)`; the new state is written back to the layer's non-trainable
-    variables after each call.
+    order; the inputs go to `inputs`, or else to the first positional argument that is none of
+    the others (as `keras.layers.JaxLayer` passes them). `init_fn` takes any of `rng`, `inputs`,
+    `training` and is run at build time on the first inputs' shapes and dtypes (unknown
+    dimensions become 1). When `call_fn` takes `state`, it returns `(outputs, new_state)` and
+    `init_fn` returns `(params, state)`; the new state is written back to the layer's
+    non-trainable variables after each call.
 
     `params` become trainable Keras variables named `<layer>/params/<path>`, `state` non-trainable
     ones named `<layer>/state/<path>`. `rng` is a fresh `jax.random` key per call, drawn from a
@@ -177,13 +179,13 @@ class JaxLayer(keras.layers.Layer):
 
     def __init__(
         self,
-        call_fn: Callable,
-        init_fn: Callable | None = None,
-        params: Any = None,
-        state: Any = None,
+        call_fn: Callable[..., Any],
+        init_fn: Callable[..., Any] | None = None,
+        params: PyTree | None = None,
+        state: PyTree | None = None,
         seed: int | None = None,
-        native_serialization_platforms: tuple[str, ...] | list[str] | None = None,
-        **kwargs,
+        native_serialization_platforms: Sequence[str] | None = None,
+        **kwargs: Any,
     ):
         super().__init__(**kwargs)
         self.call_fn, self.init_fn = call_fn, init_fn
@@ -669,7 +671,7 @@ class JaxLayer(keras.layers.Layer):
     # ------------------------------------------------------------------------------ the trees
 
     @property
-    def params(self) -> Any:
+    def params(self) -> PyTree:
         """The trainable variables as a pytree mirroring the params tree.
 
         Before build, the `params` the layer was given (as `keras.layers.JaxLayer` shows them).
@@ -677,7 +679,7 @@ class JaxLayer(keras.layers.Layer):
         return self._tree("params", 0)
 
     @property
-    def state(self) -> Any:
+    def state(self) -> PyTree:
         """The non-trainable variables as a pytree mirroring the state tree.
 
         Before build, the `state` the layer was given (as `keras.layers.JaxLayer` shows them).

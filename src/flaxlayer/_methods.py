@@ -36,9 +36,12 @@ def method_by_name(cls: type, name: str, framework: tuple[type, ...]) -> Callabl
 
     `framework` are the Flax base classes (nn.Module and its bases, or nnx.Module's): their API
     (`init`, `apply`, `bind`, `tabulate`, `sow`, ...) is never a method a layer calls, and
-    neither is a dunder other than `__call__`.
+    neither is a dunder other than `__call__`, nor a dataclass field holding a function
+    (`kernel_init`).
     """
     if name.startswith("__") and name.endswith("__") and name != "__call__":
+        return None
+    if name in getattr(cls, "__dataclass_fields__", {}):
         return None
     for klass in cls.__mro__:
         if name in vars(klass):

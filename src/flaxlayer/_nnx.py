@@ -4,7 +4,8 @@ The module is split once into its graph structure and three states: `nnx.Param` 
 rng state (`RngKey`/`RngCount`, re-keyed from the layer's seed on every call, so never stored),
 and everything else (BatchStat, caches, user Variable types: non-trainable, written back). Each
 call merges a fresh copy of the module from the current values, so the user's module object is
-never put in another mode or mutated.
+never put in another mode; at build its arrays move into the layer's variables and it is left
+holding `MovedArray`s, which say so when used.
 """
 
 from typing import Any
@@ -72,6 +73,57 @@ def _flat_values(state: nnx.State) -> dict:
     return {tuple(path): var.get_value() for path, var in state.flat_state()}
 
 
+class MovedArray:
+    """What a wrapped module holds once its arrays have moved into a layer's variables.
+
+    Any use as an array (JAX, NumPy, indexing, arithmetic) raises `RuntimeError` saying where
+    the values went, instead of JAX's "Array has been deleted" once Keras donated the buffers.
+    `shape` and `dtype` stay readable, and `nnx.update` replaces it like any value.
+    """
+
+    def __init__(self, shape: tuple, dtype: Any, message: str):
+        self.shape, self.dtype, self._message = shape, dtype, message
+
+    def _refuse(self, *args: Any, **kwargs: Any):
+        raise RuntimeError(self._message)
+
+    __jax_array__ = __array__ = __getitem__ = __setitem__ = __iter__ = __len__ = _refuse
+    __add__ = __radd__ = __sub__ = __rsub__ = __mul__ = __rmul__ = _refuse
+    __matmul__ = __rmatmul__ = __truediv__ = __rtruediv__ = __neg__ = __pow__ = _refuse
+    __float__ = __int__ = __bool__ = _refuse
+
+    def __getattr__(self, name: str):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        raise RuntimeError(self._message)
+
+    def __repr__(self) -> str:
+        return f"MovedArray(shape={self.shape}, dtype={self.dtype})"
+
+
+def _moved_message(module: nnx.Module, owner: str, path: tuple) -> str:
+    name = type(module).__name__
+    where = ".".join(str(p) for p in path)
+    return (
+        f"This {name} object's arrays were moved into the variables of {owner} when that "
+        f"layer was built (`{where}` is one of them), so it holds no values any more. Use the "
+        "layer's:\n"
+        f"    module = layer.module  # a new {name} with the layer's current values\n"
+        "or put them back into this object:\n"
+        "    nnx.update(module, layer.flax_variables)"
+    )
+
+
+def _mark_moved(module: nnx.Module, owner: str) -> None:
+    """Replaces the module's non-rng variable values by `MovedArray`s."""
+    for path, node in nnx.iter_graph(module):
+        if isinstance(node, nnx.Variable) and not isinstance(node, nnx.RngState):
+            value = node.get_value()
+            if hasattr(value, "shape") and hasattr(value, "dtype"):
+                message = _moved_message(module, owner, path)
+                node.set_value(MovedArray(tuple(value.shape), value.dtype, message))
+
+
 class NNXAdapter(Adapter):
     init_uses_rng = False
     #: Flax's own classes, whose methods are never the method a layer calls.
@@ -83,6 +135,9 @@ class NNXAdapter(Adapter):
         self.method = resolve_method(module, method, owner=owner, framework=self.framework)
         self._module: nnx.Module | None = module
         self.graphdef, params, rngs, rest = _split_state(module)
+        for leaf in jax.tree.leaves((params, rest)):
+            if isinstance(leaf, MovedArray):
+                raise ValueError(f"{owner}: cannot wrap this module. {leaf._message}")
         self.params_layout = _StateLayout(params)
         self.state_layout = _StateLayout(rest)
         self.rngs_layout = _StateLayout(rngs)
@@ -118,6 +173,7 @@ class NNXAdapter(Adapter):
 
     def init(self, rng, inputs):
         params, rest = self._arrays
+        _mark_moved(self._module, self.owner)
         self._arrays = self._module = None
         return self.params_layout.to_pure(params), self.state_layout.to_pure(rest)
 
