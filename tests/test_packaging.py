@@ -143,3 +143,13 @@ def test_twine_accepts_the_wheel(wheel):
         [str(twine), "check", "--strict", str(wheel)], capture_output=True, text=True
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_make_demo_installs_only_the_package_and_the_demo_extra():
+    makefile = (ROOT / "Makefile").read_text(encoding="utf-8")
+    recipe = makefile[makefile.index("$(DEMO_STAMP):") :].split("\n\n", 1)[0]
+    installs = [line.strip() for line in recipe.splitlines() if "pip install" in line]
+    assert installs == ['$(BIN)/pip install -e ".[demo]" -c constraints.txt'], installs
+    assert re.search(r"^demo: \$\(DEMO_STAMP\)$", makefile, flags=re.M)
+    demo = PYPROJECT["project"]["optional-dependencies"]["demo"]
+    assert [REQUIREMENT.match(r).group("name") for r in demo] == ["scikit-learn"]
