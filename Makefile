@@ -2,11 +2,11 @@
 #   make demo    install only what the demo needs (flaxlayer, JAX, scikit-learn), then train the
 #                seed's Flax CNN as a Keras layer on scikit-learn's digits
 #   make venv    create .venv and install the package with every extra (once)
-#   make test    ruff, the docs build, then pytest once per backend (the wheel is checked there)
+#   make test    ruff, mypy, the docs build, then pytest once per backend (the wheel is checked there)
 #   make docs    build the documentation site into site/ (mkdocs --strict, offline)
 #   make dist    build the wheel and sdist into dist/ and check them (twine check)
 #   make bench   benchmarks vs keras.layers.FlaxLayer and Flax + Optax (exits 1 if a goal is missed)
-#   make lint    ruff check;  make format: ruff format + ruff check --fix
+#   make lint    ruff check, ruff format --check, mypy on src/;  make format: ruff fix + format
 
 PYTHON ?= python3
 VENV := .venv
@@ -54,6 +54,7 @@ $(DEMO_STAMP): pyproject.toml constraints.txt | $(BIN)/python
 lint: venv
 	$(BIN)/ruff check $(LINT_PATHS)
 	$(BIN)/ruff format --check $(LINT_PATHS)
+	$(BIN)/mypy
 
 format: venv
 	$(BIN)/ruff format $(LINT_PATHS)

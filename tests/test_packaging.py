@@ -153,3 +153,11 @@ def test_make_demo_installs_only_the_package_and_the_demo_extra():
     assert re.search(r"^demo: \$\(DEMO_STAMP\)$", makefile, flags=re.M)
     demo = PYPROJECT["project"]["optional-dependencies"]["demo"]
     assert [REQUIREMENT.match(r).group("name") for r in demo] == ["scikit-learn"]
+
+
+def test_version_is_read_from_the_package_metadata():
+    import flaxlayer
+
+    assert flaxlayer.__version__ == PYPROJECT["project"]["version"] == md.version("flaxlayer")
+    sources = "".join(p.read_text(encoding="utf-8") for p in (ROOT / "src").rglob("*.py"))
+    assert PYPROJECT["project"]["version"] not in sources, "a second copy of the version"

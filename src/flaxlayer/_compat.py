@@ -1,26 +1,40 @@
 """Every private Keras and JAX name flaxlayer uses, in one place.
 
-Imported without fallbacks: if a Keras upgrade moves one, importing flaxlayer fails at once
-(and the test suite's first test says which), rather than a feature silently changing.
+Imported without fallbacks: if an upgrade of Keras or JAX moves one, importing flaxlayer fails
+at once (and tests/test_compat.py says which), rather than a feature silently changing.
 """
 
+import sys
 from collections.abc import Iterable
 from typing import Any
 
+import jax
+from jax._src import xla_bridge as jax_xla_bridge
+from jax._src.export import _export as jax_export_internals
+from jax._src.interpreters import mlir as jax_mlir
+from jax._src.lib import _jax as jax_lib
+from jax._src.lib.mlir import ir as mlir_ir
+from jax._src.lib.mlir import passmanager as mlir_passmanager
+from jax._src.lib.mlir.dialects import hlo as mlir_hlo
 from keras.src.backend.common import global_state
 from keras.src.backend.common.name_scope import current_path
 from keras.src.backend.common.stateless_scope import in_stateless_scope
+from keras.src.saving import saving_lib as keras_saving_lib
 from keras.src.saving.serialization_lib import in_safe_mode as keras_safe_mode
 
 __all__ = [
     "called_by_keras_saving_walk",
     "current_path",
+    "export_serializer",
     "forget_uninitialized",
     "in_stateless_scope",
     "initialize_deferred",
     "is_deferred",
+    "jax_stablehlo_target",
     "keras_safe_mode",
     "key_impl_name",
+    "replace_variable_value",
+    "serialize_portable",
 ]
 
 
@@ -48,10 +62,17 @@ def initialize_deferred(variable: Any, value: Any) -> None:
     variable._deferred_initialize()
 
 
+def replace_variable_value(variable: Any, value: Any) -> None:
+    """Puts `value` (no tracer) in an `nnx.Variable`, from any trace level.
+
+    `Variable.set_value` refuses to run inside a trace other than the variable's own (Keras
+    builds a subclassed model inside its symbolic trace); the value put here is not traced.
+    """
+    object.__setattr__(variable, "_raw_value", value)
+
+
 def key_impl_name(key: Any) -> str:
     """The PRNG implementation of a key array, or of an abstract one (a ShapeDtypeStruct)."""
-    import jax
-
     if isinstance(key, jax.ShapeDtypeStruct):
         return key.dtype._impl.name
     return str(jax.random.key_impl(key))
@@ -64,8 +85,46 @@ def called_by_keras_saving_walk() -> bool:
     nested saveables, on every save and load. flaxlayer's views (`flax_variables`, `module`)
     copy or merge every value: they answer that walk with None instead.
     """
-    import sys
+    return sys._getframe(2).f_code is keras_saving_lib._walk_saveable.__code__
 
-    from keras.src.saving import saving_lib
 
-    return sys._getframe(2).f_code is saving_lib._walk_saveable.__code__
+# --------------------------------------------------- JAX's serializer, for the TensorFlow bridge
+
+
+def jax_stablehlo_target(tensorflow_version: str) -> str:
+    """The older of JAX's default StableHLO target and `tensorflow_version`."""
+    jax_target = mlir_hlo.get_version_from_compatibility_requirement(
+        mlir_hlo.StablehloCompatibilityRequirement.WEEK_4
+    )
+    return mlir_hlo.get_smaller_version(jax_target, tensorflow_version)
+
+
+def export_serializer() -> tuple[Any, Any]:
+    """(getter, setter) of the function `jax.export` serializes a lowered module with."""
+
+    def get():
+        return jax_export_internals._module_to_bytecode
+
+    def set_(fn):
+        jax_export_internals._module_to_bytecode = fn
+
+    return get, set_
+
+
+def serialize_portable(module: Any, target: str) -> bytes:
+    """`module` with its CHLO operations expanded, serialized for StableHLO `target`.
+
+    A module the expansion fails on is serialized as it is.
+    """
+    mlir_hlo.register_stablehlo_passes()  # chlo-legalize-to-stablehlo
+    with module.context:
+        expanded = mlir_ir.Module.parse(jax_mlir.module_to_bytecode(module))  # JAX keeps its own
+        try:
+            mlir_passmanager.PassManager.parse(
+                "builtin.module(func.func(chlo-legalize-to-stablehlo))"
+            ).run(expanded.operation)
+        except (mlir_ir.MLIRError, RuntimeError, ValueError):
+            expanded = module
+    return jax_lib.mlir.serialize_portable_artifact(
+        expanded, target, jax_xla_bridge.get_backend().serialize_with_sdy
+    )

@@ -6,8 +6,9 @@ NNX attribute path `linear1/kernel`, or for a JaxLayer the pytree path `params/w
 the dtype, whether Keras trains it, and its element count; then the totals.
 """
 
+import dataclasses
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax.numpy as jnp
@@ -19,50 +20,33 @@ _HEADERS = ("path", "shape", "dtype", "trainable", "count")
 _RIGHT_ALIGNED = {"count"}
 
 
-def describe_layer(layer: Any, print_fn: Callable[[str], Any] | None = None) -> None:
-    """Prints the table for a built `JaxLayer`/`FlaxLayer`; see `JaxLayer.describe`."""
-    if not layer.built:
-        raise ValueError(
-            f"{layer._owner_name()} is not built yet, so it has no variables to describe. "
-            "Build it first: call it once on inputs (`layer(x)`), call "
-            "`layer.build(input_shape)` (e.g. `layer.build((None, 8, 8, 1))`), or build or "
-            "call the model that holds it."
-        )
-    print_fn = print if print_fn is None else print_fn
-    for line in table_lines(layer):
-        print_fn(line)
+@dataclasses.dataclass(frozen=True)
+class VariableGroup:
+    """Variables of one tree (params or state), with their paths inside it."""
+
+    prefix: tuple[str, ...]
+    paths: Sequence[tuple[str, ...]]
+    variables: Sequence[Any]
 
 
-def table_lines(layer: Any) -> list[str]:
-    """The lines `describe` prints, for a built layer."""
-    core = layer._core
-    adapter = core.adapter
-    trainable_ids = {id(v) for v in layer.trainable_weights}
-    rows = []
+def table_lines(title: str, groups: Sequence[VariableGroup], trainable_ids: set[int]) -> list[str]:
+    """The lines `JaxLayer.describe` prints: a title, one row per variable, the totals."""
+    rows: list[tuple[str, ...]] = []
     totals = {True: [0, 0], False: [0, 0]}  # trainable -> [count, bytes]
-    groups = (
-        (core.params_layout, core.param_vars, adapter.params_prefix),
-        (core.state_layout, core.state_vars, adapter.state_prefix),
-    )
-    for layout, variables, prefix in groups:
-        for parts, variable in zip(layout.paths, variables, strict=True):
+    for group in groups:
+        for parts, variable in zip(group.paths, group.variables, strict=True):
             shape = tuple(int(d) for d in variable.shape)
             dtype = keras.backend.standardize_dtype(variable.dtype)
             count = math.prod(shape)
             trainable = id(variable) in trainable_ids
             totals[trainable][0] += count
             totals[trainable][1] += count * jnp.dtype(dtype).itemsize
+            path = group.prefix + parts if parts else (*group.prefix, "value")
             rows.append(
-                (
-                    format_path(prefix + parts if parts else (*prefix, "value")),
-                    str(shape),
-                    dtype,
-                    "yes" if trainable else "no",
-                    f"{count:,}",
-                )
+                (format_path(path), str(shape), dtype, "yes" if trainable else "no", f"{count:,}")
             )
 
-    lines = [_title(layer)]
+    lines = [title]
     if rows:
         lines += _format_table(rows)
     else:
@@ -75,11 +59,6 @@ def table_lines(layer: Any) -> list[str]:
         f"non-trainable: {totals[False][0]:,} ({_readable(totals[False][1])})"
     )
     return lines
-
-
-def _title(layer: Any) -> str:
-    what = layer._core.adapter.model_name()
-    return layer._owner_name() + (f" ({what})" if what else "")
 
 
 def _format_table(rows: list[tuple[str, ...]]) -> list[str]:

@@ -13,11 +13,12 @@ from typing import Any
 import keras
 from keras.distribution import ModelParallel, TensorLayout
 
+from flaxlayer._bridges import supports_distribution
 from flaxlayer._compat import current_path
 
 
 def active_distribution() -> Any:
-    if keras.backend.backend() != "jax":
+    if not supports_distribution():
         return None
     return keras.distribution.distribution()
 

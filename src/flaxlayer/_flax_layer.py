@@ -7,6 +7,7 @@ import keras
 from flax import nnx
 
 from flaxlayer import _compat
+from flaxlayer._adapter import ModuleAdapter
 from flaxlayer._jax_layer import JaxLayer
 from flaxlayer._linen import LinenAdapter
 from flaxlayer._methods import Method, method_by_name
@@ -82,8 +83,8 @@ class FlaxLayer(JaxLayer):
         module passed in gave its arrays to the layer's variables).
         """
         if _compat.called_by_keras_saving_walk():
-            return None
-        return self._core.adapter.module_object(self)
+            return None  # type: ignore[return-value]
+        return self._adapter().module_object(self._values() if self.built else None)
 
     @property
     def flax_variables(self) -> FlaxVariables:
@@ -94,9 +95,14 @@ class FlaxLayer(JaxLayer):
         and they stay valid after it.
         """
         if _compat.called_by_keras_saving_walk():
-            return None
+            return None  # type: ignore[return-value]
         self._check_built("flax_variables")
-        return self._core.adapter.export(*self._values())
+        return self._adapter().export(*self._values())
+
+    def _adapter(self) -> ModuleAdapter:
+        adapter = self._core.adapter
+        assert isinstance(adapter, ModuleAdapter)
+        return adapter
 
     def get_config(self) -> dict:
         """The layer's configuration; the module's is read from its dataclass fields.
@@ -112,7 +118,7 @@ class FlaxLayer(JaxLayer):
         encoder = Encoder(self._owner_name())
         config.update(
             module=encoder.module(module),
-            method=_method_to_config(self._core.adapter.method, encoder, type(module)),
+            method=_method_to_config(self._adapter().method, encoder, type(module)),
         )
         encoder.finish()
         return config
@@ -174,7 +180,7 @@ def _adapter_for(module: Any, method: Any, owner: str):
     return _adapter_class(module, owner)(module, method, owner=owner)
 
 
-def _adapter_class(module: Any, owner: str) -> type:
+def _adapter_class(module: Any, owner: str) -> type[ModuleAdapter]:
     if isinstance(module, nn.Module):
         return LinenAdapter
     if isinstance(module, nnx.Module):

@@ -5,7 +5,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from flaxlayer._adapter import SPEC_KEY, Adapter, raise_mismatches, shape_mismatches
+from flaxlayer._adapter import SPEC_KEY, Adapter, Plan, raise_mismatches, shape_mismatches
 from flaxlayer._signature import bind, describe
 
 CALL_ROLES = ("params", "state", "rng")
@@ -48,8 +48,7 @@ class FunctionAdapter(Adapter):
                 "are all None, so there is nothing to start from. Pass an `init_fn` that "
                 "creates them, or initial values with `params=` (and `state=`)."
             )
-        uses_rng = "rng" in self.call_args
-        self.needs_rng = {False: uses_rng, True: uses_rng}
+        self.uses_rng = "rng" in self.call_args
 
     def _init_call(self, rng, inputs):
         # As keras.layers.JaxLayer does, and as Haiku's BatchNorm needs to create its averages.
@@ -70,14 +69,14 @@ class FunctionAdapter(Adapter):
         return f"call_fn {name}" if name else ""
 
     def plan(self, inputs):
-        if self.init_fn is None:
-            return None
-        return jax.eval_shape(self._init_call, SPEC_KEY, inputs)
+        trees = None if self.init_fn is None else jax.eval_shape(self._init_call, SPEC_KEY, inputs)
+        return Plan(trees=trees, needs_rng=(self.uses_rng, self.uses_rng))
 
     def init(self, rng, inputs):
         return self._init_call(rng, inputs)
 
-    def given(self, initial, expected, inputs):
+    def given(self, initial, plan, inputs):
+        expected = plan.trees
         params, state = initial
         params = {} if params is None else params
         state = {} if state is None else state

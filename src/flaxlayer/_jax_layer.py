@@ -1,7 +1,7 @@
 """JaxLayer: the engine every flaxlayer layer runs on."""
 
 import contextlib
-import math
+import functools
 import random
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -10,18 +10,17 @@ import jax
 import jax.numpy as jnp
 import keras
 import numpy as np
-from flax import errors as flax_errors
-from flax.core import partial_eval
 
 from flaxlayer import _compat
-from flaxlayer._adapter import SPEC_KEY, Adapter
+from flaxlayer._adapter import NEVER, SPEC_KEY, Adapter, PerMode, Plan
 from flaxlayer._bridges import (
     check_backend,
     compile_for_backend,
+    jax_copy,
     outside_compiled_graphs,
     placeholder_for_loading,
 )
-from flaxlayer._describe import describe_layer
+from flaxlayer._describe import VariableGroup, table_lines
 from flaxlayer._distribution import (
     active_distribution,
     backend_sharding,
@@ -29,8 +28,30 @@ from flaxlayer._distribution import (
     variable_layouts,
 )
 from flaxlayer._functions import FunctionAdapter
+from flaxlayer._program import (
+    JIT_INIT_BYTES,
+    abstract,
+    concrete,
+    init_key,
+    init_without_forward,
+    make_pure,
+    nbytes,
+    written_state_indices,
+    zeros,
+)
 from flaxlayer._serialization import SerializationError
-from flaxlayer._trust import Refused, dtype_from_name
+from flaxlayer._specs import (
+    PROBE_SIZES,
+    Leaf,
+    dtype_name,
+    has_unknown,
+    merge_probes,
+    spec_from_config,
+    spec_from_shapes,
+    spec_of,
+    spec_to_config,
+    structs,
+)
 from flaxlayer._types import PyTree
 from flaxlayer._variables import (
     TreeLayout,
@@ -39,69 +60,11 @@ from flaxlayer._variables import (
     is_float_dtype,
 )
 
-_MAX_SPEC_DEPTH = 100
 _PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
-# Models whose variables take at most this many bytes are initialized by one jitted program.
-_JIT_INIT_BYTES = 64 * 2**20
-# Unknown dimensions are probed at two sizes to tell which output dimensions follow them.
-_PROBE_SIZES = (8, 12)
 
 
-class _Leaf:
-    """Shape (with None for unknown dimensions) and dtype of one input leaf."""
-
-    __slots__ = ("dtype", "shape")
-
-    def __init__(self, shape, dtype):
-        self.shape, self.dtype = tuple(shape), dtype
-
-    def struct(self, fill: int) -> jax.ShapeDtypeStruct:
-        return jax.ShapeDtypeStruct(tuple(fill if d is None else d for d in self.shape), self.dtype)
-
-
-def _leaf_dtype(dtype: Any, float_dtype: str) -> Any:
-    dtype = keras.backend.standardize_dtype(dtype) if dtype is not None else float_dtype
-    return float_dtype if is_float_dtype(dtype) else dtype
-
-
-def _spec_of(inputs: Any, float_dtype: str) -> Any:
-    def leaf(x):
-        return _Leaf(
-            tuple(np.shape(x)) if not hasattr(x, "shape") else tuple(x.shape),
-            _leaf_dtype(getattr(x, "dtype", None), float_dtype),
-        )
-
-    return keras.tree.map_structure(leaf, inputs)
-
-
-def _is_shape(x: Any) -> bool:
-    return isinstance(x, (tuple, list)) and all(d is None or isinstance(d, int) for d in x)
-
-
-def _spec_from_shapes(shapes: Any, float_dtype: str) -> Any:
-    if _is_shape(shapes):
-        return _Leaf(shapes, float_dtype)
-    if isinstance(shapes, dict):
-        return {k: _spec_from_shapes(v, float_dtype) for k, v in shapes.items()}
-    if isinstance(shapes, (tuple, list)):
-        return type(shapes)(_spec_from_shapes(v, float_dtype) for v in shapes)
-    raise ValueError(f"Cannot read an input shape from {shapes!r}.")
-
-
-def _structs(spec: Any, fill: int) -> Any:
-    return jax.tree.map(
-        lambda leaf: leaf.struct(fill), spec, is_leaf=lambda x: isinstance(x, _Leaf)
-    )
-
-
-def _has_unknown(spec: Any) -> bool:
-    leaves = jax.tree.leaves(spec, is_leaf=lambda x: isinstance(x, _Leaf))
-    return any(d is None for leaf in leaves for d in leaf.shape)
-
-
-def _merge_probes(a: jax.ShapeDtypeStruct, b: jax.ShapeDtypeStruct) -> keras.KerasTensor:
-    shape = tuple(x if x == y else None for x, y in zip(a.shape, b.shape, strict=True))
-    return keras.KerasTensor(shape, dtype=keras.backend.standardize_dtype(a.dtype))
+def _not_built(*args: Any, **kwargs: Any) -> Any:
+    raise RuntimeError("flaxlayer: the layer's program exists once the layer is built.")
 
 
 class _Core:
@@ -113,8 +76,9 @@ class _Core:
         self.input_spec: Any = None
         self.param_vars: list = []
         self.state_vars: list = []
-        self.params_layout: TreeLayout | None = None
-        self.state_layout: TreeLayout | None = None
+        # Set at build (empty until then).
+        self.params_layout = TreeLayout({})
+        self.state_layout = TreeLayout({})
         # Loading a file: variables are created without values (`loading`), and take them from
         # the weights file; used before that, they are initialized as a fresh build would be
         # (`pending`). On torch, Keras reads every variable while it builds the model around
@@ -125,15 +89,15 @@ class _Core:
         self.placeholders = False
         self.build_args: tuple = ()
         self.seed_generator: Any = None
-        self.pure: Callable | None = None
-        self.run: Callable | None = None
-        self.needs_rng = {False: False, True: False}
-        self.has_loss = {False: False, True: False}
+        self.pure: Callable = _not_built
+        self.run: Callable = _not_built
+        self.needs_rng: PerMode = NEVER
+        self.has_loss: PerMode = NEVER
         # Per training mode, the indices of the state leaves a call can change (learned at the
         # first call in that mode): the compiled function returns only those, and only those
         # are written back. BatchNorm statistics at inference, for instance, are never copied.
         self.written: dict[bool, tuple[int, ...]] = {}
-        self.learn_written: Callable[[bool], tuple[int, ...]] | None = None
+        self.learn_written: Callable[[bool], tuple[int, ...]] = _not_built
 
 
 @keras.saving.register_keras_serializable(package="flaxlayer")
@@ -188,7 +152,8 @@ class JaxLayer(keras.layers.Layer):
         **kwargs: Any,
     ):
         super().__init__(**kwargs)
-        self.call_fn, self.init_fn = call_fn, init_fn
+        self.call_fn: Callable[..., Any] | None = call_fn
+        self.init_fn: Callable[..., Any] | None = init_fn
         adapter = FunctionAdapter(
             call_fn,
             init_fn,
@@ -235,7 +200,7 @@ class JaxLayer(keras.layers.Layer):
     def __call__(self, *args, **kwargs):
         if not self.built:
             inputs = args[0] if args else kwargs.get("inputs")
-            self._core.input_spec = _spec_of(inputs, self.compute_dtype)
+            self._core.input_spec = spec_of(inputs, self.compute_dtype)
         return super().__call__(*args, **kwargs)
 
     def build(self, input_shape=None):
@@ -260,23 +225,23 @@ class JaxLayer(keras.layers.Layer):
                     f"{self._owner_name()}: build() needs the input shape, e.g. "
                     "layer.build((None, 28, 28, 1)); or call the layer on inputs."
                 )
-            spec = _spec_from_shapes(input_shape, self.compute_dtype)
+            spec = spec_from_shapes(input_shape, self.compute_dtype)
         core.input_spec = spec
-        inputs = _structs(spec, 1)
+        inputs = structs(spec, 1)
         # Keras may build inside its own symbolic trace (a subclassed model first seen by fit):
         # initial values must still be concrete there. Only there: op-by-op evaluation of the
         # initializers costs time and memory.
-        concrete = (
+        evaluated_now = (
             jax.ensure_compile_time_eval if _compat.in_stateless_scope() else contextlib.nullcontext
         )
-        with concrete():
-            expected = adapter.plan(inputs)
-            layouts = self._plan_layouts(expected)
-            core.build_args = (expected, inputs, layouts)
+        with evaluated_now():
+            plan = adapter.plan(inputs)
+            layouts = self._plan_layouts(plan)
+            core.build_args = (plan, inputs, layouts)
             if core.loading:
                 # Nothing sized by the file's config is allocated: the variables are created
                 # without values and take them from the weights file (`load_own_variables`).
-                trees = _abstract(core.initial if core.initial is not None else expected)
+                trees = abstract(core.initial if core.initial is not None else plan.trees)
             else:
                 trees = self._initial_trees()
         given = core.initial is not None
@@ -291,9 +256,8 @@ class JaxLayer(keras.layers.Layer):
             core.pending = True
         else:
             self._create_variables(layouts, copy=given, pending=False)
-        core.needs_rng = dict(adapter.needs_rng)
-        core.has_loss = dict(adapter.has_loss)
-        if any(core.needs_rng.values()):
+        core.needs_rng, core.has_loss = plan.needs_rng, plan.has_loss
+        if any(core.needs_rng):
             self.seed_generator = core.seed_generator
         mixed = self.autocast and self.compute_dtype != self.variable_dtype
         state_casts = [
@@ -301,7 +265,7 @@ class JaxLayer(keras.layers.Layer):
             for v in core.state_vars
         ]
         core.written = {}
-        core.pure = _make_pure(
+        core.pure = make_pure(
             adapter,
             core.params_layout,
             core.state_layout,
@@ -317,33 +281,34 @@ class JaxLayer(keras.layers.Layer):
     def _initial_trees(self) -> tuple[Any, Any]:
         """The (params, state) a fresh build starts from: given values or the model's init."""
         core, adapter = self._core, self._core.adapter
-        expected, inputs, layouts = core.build_args
+        plan, inputs, layouts = core.build_args
+        expected = plan.trees
         if core.initial is not None:
-            return adapter.given(core.initial, expected, inputs)
+            return adapter.given(core.initial, plan, inputs)
         if expected is None:
             return {}, {}
         if not adapter.init_uses_rng:  # the values exist already (an NNX module)
             return adapter.init(None, inputs)
-        rng = _init_key(self._init_seed)
+        rng = init_key(self._init_seed)
         if layouts:
             # Each leaf is created already sharded, never whole on one device.
             init = jax.jit(adapter.init, out_shardings=_sharding_trees(expected, layouts, adapter))
-            return init(rng, _zeros(inputs))
-        if _nbytes(expected) <= _JIT_INIT_BYTES:
+            return init(rng, zeros(inputs))
+        if nbytes(expected) <= JIT_INIT_BYTES:
             # One compiled program (XLA drops the forward pass) builds a small model about
             # twice as fast as op-by-op evaluation; a large one is built op by op, which keeps
             # the peak near the parameters' size.
             try:
-                return jax.jit(lambda key: _init_without_forward(adapter.init, key, inputs))(rng)
+                return jax.jit(lambda key: init_without_forward(adapter.init, key, inputs))(rng)
             except jax.errors.ConcretizationTypeError:
                 pass  # an init that branches on values runs op by op
-        return _init_without_forward(adapter.init, rng, inputs)
+        return init_without_forward(adapter.init, rng, inputs)
 
     def _create_variables(self, layouts: dict | None, *, copy: bool, pending: bool) -> None:
         core, adapter = self._core, self._core.adapter
         owner = self._owner_name()
         layout_for = layouts.get if layouts else None
-        created = []
+        created: list[list[keras.Variable]] = []
         for layout, prefix, trainable in (
             (core.params_layout, adapter.params_prefix, True),
             (core.state_layout, adapter.state_prefix, False),
@@ -359,12 +324,15 @@ class JaxLayer(keras.layers.Layer):
                     dtype_for=self._variable_dtype_for,
                     copy=copy,  # the caller keeps what it passed; what init made is moved
                     layout_for=layout_for,
-                    pending=(lambda i, o=offset: self._first_value(o + i)) if pending else None,
+                    pending=functools.partial(self._first_value_at, offset) if pending else None,
                 )
             )
         core.param_vars, core.state_vars = created
         for variable in core.param_vars + core.state_vars:
             self._track_variable(variable)
+
+    def _first_value_at(self, offset: int, index: int) -> Callable:
+        return self._first_value(offset + index)
 
     def _first_value(self, index: int) -> Callable:
         """The initializer of deferred variable `index`: a value for Keras to read early."""
@@ -399,7 +367,7 @@ class JaxLayer(keras.layers.Layer):
         core.loading = False
         params, state = self._initial_trees()
         values = [
-            _concrete(x) for x in TreeLayout(params).take_leaves() + TreeLayout(state).take_leaves()
+            concrete(x) for x in TreeLayout(params).take_leaves() + TreeLayout(state).take_leaves()
         ]
         for variable, value in zip(core.param_vars + core.state_vars, values, strict=True):
             if _compat.is_deferred(variable):
@@ -408,9 +376,10 @@ class JaxLayer(keras.layers.Layer):
                 variable.assign(value)
         core.pending = core.placeholders = False
 
-    def _plan_layouts(self, expected: Any) -> dict | None:
+    def _plan_layouts(self, plan: Plan) -> dict | None:
         """{variable path parts: TensorLayout} under a keras.distribution, else None."""
         distribution = active_distribution()
+        expected = plan.trees
         if distribution is None or expected is None:
             return None
         adapter = self._core.adapter
@@ -423,7 +392,7 @@ class JaxLayer(keras.layers.Layer):
             leaves, paths, _ = flatten_with_paths(tree)
             parts += [prefix + p for p in paths]
             shapes += [tuple(leaf.shape) for leaf in leaves]
-        specs = {"/".join(base + k): v for k, v in adapter.partition_specs().items()}
+        specs = {"/".join(base + k): v for k, v in plan.partition_specs.items()}
         layouts = variable_layouts(
             distribution,
             ["/".join(base + p) for p in parts],
@@ -471,29 +440,12 @@ class JaxLayer(keras.layers.Layer):
         return params, state, rng
 
     def _written_state(self, training: bool) -> tuple[int, ...]:
-        """Indices of the state leaves a call in this mode may change (one abstract trace).
-
-        A leaf the module hands back untouched is its input variable itself in the traced
-        program, or under mixed precision that variable cast to the compute dtype (which
-        writing back would only round); any other operation on it counts as a change.
-        """
         core = self._core
         if not core.state_vars:
             return ()
         params, state, rng = self._abstract_arguments(training)
-        closed = jax.make_jaxpr(
-            lambda p, s, r, x: core.pure(p, s, r, x, training, all_state=True)[1]
-        )(params, state, rng, _structs(core.input_spec, 1))
-        state_in = closed.jaxpr.invars[len(params) : len(params) + len(state)]
-        cast_of = {
-            id(eqn.outvars[0]): eqn.invars[0]
-            for eqn in closed.jaxpr.eqns
-            if eqn.primitive.name == "convert_element_type"
-        }
-        return tuple(
-            i
-            for i, (out, var) in enumerate(zip(closed.jaxpr.outvars, state_in, strict=True))
-            if out is not var and cast_of.get(id(out)) is not var
+        return written_state_indices(
+            core.pure, params, state, rng, structs(core.input_spec, 1), training
         )
 
     def compute_output_spec(self, inputs, training=None):
@@ -511,7 +463,7 @@ class JaxLayer(keras.layers.Layer):
     def _output_spec(self, inputs, training=None):
         core = self._core
         training = bool(training)
-        spec = _spec_of(inputs, self.compute_dtype)
+        spec = spec_of(inputs, self.compute_dtype)
         params, state, rng = self._abstract_arguments(training)
 
         def probe(fill):
@@ -520,12 +472,12 @@ class JaxLayer(keras.layers.Layer):
                 params,
                 state,
                 rng,
-                _structs(spec, fill),
+                structs(spec, fill),
             )
 
-        first = probe(_PROBE_SIZES[0])
-        second = probe(_PROBE_SIZES[1]) if _has_unknown(spec) else first
-        return jax.tree.map(_merge_probes, first, second)
+        first = probe(PROBE_SIZES[0])
+        second = probe(PROBE_SIZES[1]) if has_unknown(spec) else first
+        return jax.tree.map(merge_probes, first, second)
 
     def _struct_of(self, variable, cast: bool) -> jax.ShapeDtypeStruct:
         dtype = variable.dtype
@@ -551,8 +503,8 @@ class JaxLayer(keras.layers.Layer):
             # Nothing can re-create the params: record their shapes, the weights file the values.
             params, state = self._trees_for_config()
             config.update(
-                params=_spec_to_config(params, self._owner_name(), "params"),
-                state=_spec_to_config(state, self._owner_name(), "state"),
+                params=spec_to_config(params, self._owner_name(), "params"),
+                state=spec_to_config(state, self._owner_name(), "state"),
             )
         return config
 
@@ -565,14 +517,15 @@ class JaxLayer(keras.layers.Layer):
             )
         else:
             trees = core.initial or (None, None)
-        return tuple(
-            None
-            if t is None
-            else jax.tree.map(
-                lambda x: _Leaf(np.shape(x), _dtype_name(x)) if hasattr(x, "dtype") else x, t
+
+        def specs(tree: Any) -> Any:
+            if tree is None:
+                return None
+            return jax.tree.map(
+                lambda x: Leaf(np.shape(x), dtype_name(x)) if hasattr(x, "dtype") else x, tree
             )
-            for t in trees
-        )
+
+        return specs(trees[0]), specs(trees[1])
 
     @classmethod
     def from_config(cls, config: dict) -> "JaxLayer":
@@ -587,8 +540,8 @@ class JaxLayer(keras.layers.Layer):
                 # the values, checked against these shapes).
                 config[name] = jax.tree.map(
                     lambda leaf: jax.ShapeDtypeStruct(tuple(leaf.shape), leaf.dtype),
-                    _spec_from_config(config[name], owner, (name,), abstract=True),
-                    is_leaf=lambda x: isinstance(x, _Leaf),
+                    spec_from_config(config[name], owner, (name,), abstract=True),
+                    is_leaf=lambda x: isinstance(x, Leaf),
                 )
         try:
             layer = cls(**config)
@@ -600,11 +553,11 @@ class JaxLayer(keras.layers.Layer):
     def get_build_config(self) -> dict | None:
         if self._core.input_spec is None:
             return None
-        return {"input_spec": _spec_to_config(self._core.input_spec, self._owner_name(), "input")}
+        return {"input_spec": spec_to_config(self._core.input_spec, self._owner_name(), "input")}
 
     def build_from_config(self, config: dict) -> None:
         if config and "input_spec" in config:
-            self._core.input_spec = _spec_from_config(
+            self._core.input_spec = spec_from_config(
                 config["input_spec"], self._owner_name(), ("build_config", "input_spec")
             )
             self.build(None)
@@ -743,7 +696,23 @@ class JaxLayer(keras.layers.Layer):
         ---------------------------------------------------------------
         Total: 32 params (128.00 B); trainable: 24 (96.00 B); non-trainable: 8 (32.00 B)
         """
-        describe_layer(self, print_fn)
+        if not self.built:
+            raise ValueError(
+                f"{self._owner_name()} is not built yet, so it has no variables to describe. "
+                "Build it first: call it once on inputs (`layer(x)`), call "
+                "`layer.build(input_shape)` (e.g. `layer.build((None, 8, 8, 1))`), or build or "
+                "call the model that holds it."
+            )
+        core, adapter = self._core, self._core.adapter
+        what = adapter.model_name()
+        groups = (
+            VariableGroup(adapter.params_prefix, core.params_layout.paths, core.param_vars),
+            VariableGroup(adapter.state_prefix, core.state_layout.paths, core.state_vars),
+        )
+        title = self._owner_name() + (f" ({what})" if what else "")
+        print_fn = print if print_fn is None else print_fn
+        for line in table_lines(title, groups, {id(v) for v in self.trainable_weights}):
+            print_fn(line)
 
     def _values(self) -> tuple[Any, Any]:
         """Copies of the current values as JAX arrays: snapshots the caller may keep.
@@ -752,12 +721,7 @@ class JaxLayer(keras.layers.Layer):
         an array shared with a variable is deleted by the next `fit`, `evaluate` or `predict`.
         """
         core = self._core
-        as_jax = [
-            jnp.asarray(keras.ops.convert_to_numpy(v.value))
-            if keras.backend.backend() != "jax"
-            else jnp.copy(v.value)
-            for v in core.param_vars + core.state_vars
-        ]
+        as_jax = [jax_copy(v.value) for v in core.param_vars + core.state_vars]
         n = len(core.param_vars)
         return core.params_layout.unflatten(as_jax[:n]), core.state_layout.unflatten(as_jax[n:])
 
@@ -776,166 +740,3 @@ def _sharding_trees(expected: tuple[Any, Any], layouts: dict, adapter: Adapter) 
         _, paths, treedef = flatten_with_paths(tree)
         trees.append(treedef.unflatten([backend_sharding(layouts[prefix + p]) for p in paths]))
     return tuple(trees)
-
-
-def _dtype_name(x: Any) -> str:
-    return keras.backend.standardize_dtype(x.dtype)
-
-
-def _spec_to_config(spec: Any, owner: str, what: str) -> Any:
-    """A tree of `_Leaf`s (and static strings) as JSON."""
-    if isinstance(spec, _Leaf):
-        return {"shape": list(spec.shape), "dtype": keras.backend.standardize_dtype(spec.dtype)}
-    if isinstance(spec, dict):
-        return {"dict": [[k, _spec_to_config(v, owner, what)] for k, v in spec.items()]}
-    if isinstance(spec, (list, tuple)) and not hasattr(spec, "_fields"):
-        kind = "list" if isinstance(spec, list) else "tuple"
-        return {kind: [_spec_to_config(v, owner, what) for v in spec]}
-    if spec is None:
-        return {"none": None}
-    if isinstance(spec, str):
-        return {"static": spec}
-    raise SerializationError(
-        f"{owner}: cannot record the {what} structure: it holds a {type(spec).__qualname__}. "
-        "Only dicts, lists, tuples, arrays and strings can be saved; give the layer an "
-        "init_fn that creates the values instead."
-    )
-
-
-def _spec_from_config(data: Any, owner: str, path: tuple, *, abstract: bool = False) -> Any:
-    """The tree `_spec_to_config` wrote; every entry checked (shapes, dtypes, depth)."""
-
-    def fail(where: tuple, what: str) -> SerializationError:
-        shown = ".".join(str(p) for p in where)
-        return SerializationError(f"{owner}: cannot load config entry {shown}: {what}")
-
-    def read(node: Any, where: tuple) -> Any:
-        if len(where) > 2 * _MAX_SPEC_DEPTH:
-            raise fail(where, f"it is nested deeper than {_MAX_SPEC_DEPTH} levels.")
-        if not isinstance(node, dict) or len(node) not in (1, 2):
-            raise fail(where, f"{node!r} is not an entry of a recorded structure.")
-        if set(node) == {"shape", "dtype"}:
-            shape = node["shape"]
-            if not (
-                isinstance(shape, list)
-                and len(shape) <= 32
-                and all(
-                    (d is None and not abstract)
-                    or (isinstance(d, int) and not isinstance(d, bool) and d >= 0)
-                    for d in shape
-                )
-            ):
-                raise fail((*where, "shape"), f"{shape!r} is not a shape.")
-            try:
-                dtype = dtype_from_name(node["dtype"])
-            except Refused as e:
-                raise fail((*where, "dtype"), str(e)) from None
-            return _Leaf(shape, dtype.name)
-        (kind,) = node if len(node) == 1 else (None,)
-        value = node.get(kind)
-        if kind == "none" and value is None:
-            return None
-        if kind == "static" and isinstance(value, str):
-            return value
-        if kind in ("list", "tuple") and isinstance(value, list):
-            items = [read(v, (*where, kind, i)) for i, v in enumerate(value)]
-            return items if kind == "list" else tuple(items)
-        if kind == "dict" and isinstance(value, list):
-            out = {}
-            for i, item in enumerate(value):
-                pair = isinstance(item, list) and len(item) == 2
-                if not (pair and isinstance(item[0], (str, int))):
-                    raise fail((*where, "dict", i), "not a [key, value] pair.")
-                out[item[0]] = read(item[1], (*where, "dict", item[0]))
-            return out
-        raise fail(where, f"{node!r} is not an entry of a recorded structure.")
-
-    return read(data, path)
-
-
-def _nbytes(trees: Any) -> int:
-    return sum(
-        math.prod(leaf.shape) * jnp.dtype(leaf.dtype).itemsize
-        for leaf in jax.tree.leaves(trees)
-        if hasattr(leaf, "shape") and hasattr(leaf, "dtype")
-    )
-
-
-def _zeros(structs: Any) -> Any:
-    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), structs)
-
-
-def _init_without_forward(init: Callable, rng: Any, inputs: Any) -> tuple[Any, Any]:
-    """`init(rng, inputs)` computing only the variables, not the forward pass around them.
-
-    An `init` runs the model on its inputs (Flax's `module.init`, Haiku's `init`); the variables
-    rarely depend on the input values. Given only the inputs' shapes, Flax's partial evaluation
-    computes what depends on the rng and constants, op by op as a plain `init` would (same
-    values, same peak memory), and skips the rest. A model whose variables do depend on the
-    input values is initialized the plain way, on zeros.
-    """
-    try:
-        return partial_eval.lazy_init(init)(rng, inputs)
-    except flax_errors.LazyInitError:
-        return init(rng, _zeros(inputs))
-
-
-def _init_key(seed: int) -> jax.Array:
-    # Folded so that it never equals a per-call key drawn from SeedGenerator(seed).
-    return jax.random.fold_in(jax.random.PRNGKey(seed), 0x1417)
-
-
-def _make_pure(
-    adapter: Adapter,
-    params_layout: TreeLayout,
-    state_layout: TreeLayout,
-    owner: str,
-    state_casts,
-    written: dict,
-) -> Callable:
-    """The layer as one pure function of flat variable lists.
-
-    Returns (outputs, new state leaves, summed sown losses); the new state leaves are those in
-    `written[training]` once that is known (all of them with `all_state=True`).
-    """
-
-    def pure(params, state, rng, inputs, training, all_state=False):
-        if rng is not None:
-            rng = rng.astype(jnp.uint32)
-        state = [x if c is None else x.astype(c) for x, c in zip(state, state_casts, strict=True)]
-        outputs, new_state, loss = adapter.apply(
-            params_layout.unflatten(params), state_layout.unflatten(state), rng, inputs, training
-        )
-        leaves = state_layout.variable_leaves(new_state)
-        if leaves is None:
-            raise ValueError(
-                f"{owner}: the call returned state with structure "
-                f"{jax.tree.structure(new_state)}, but the layer's state has structure "
-                f"{state_layout.treedef}. Return a new state with the same keys as the state "
-                "you were given."
-            )
-        if not all_state and training in written:
-            leaves = [leaves[i] for i in written[training]]
-        return outputs, leaves, loss
-
-    return pure
-
-
-def _abstract(trees: tuple[Any, Any]) -> tuple[Any, Any]:
-    """(params, state) with every array leaf as a ShapeDtypeStruct (static leaves kept)."""
-
-    def leaf(x):
-        if isinstance(x, (bool, int, float)):
-            return jax.ShapeDtypeStruct((), keras.backend.standardize_dtype(type(x)))
-        if hasattr(x, "shape") and hasattr(x, "dtype"):
-            return jax.ShapeDtypeStruct(tuple(x.shape), x.dtype)
-        return x
-
-    return tuple(jax.tree.map(leaf, tree) for tree in trees)
-
-
-def _concrete(x: Any) -> Any:
-    """Zeros for an abstract leaf (what nothing can re-create starts as), else the leaf."""
-    if isinstance(x, jax.ShapeDtypeStruct):
-        return np.zeros(x.shape, x.dtype)
-    return x

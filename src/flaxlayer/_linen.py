@@ -15,7 +15,13 @@ import numpy as np
 from flax import errors as flax_errors
 from flax.core import meta
 
-from flaxlayer._adapter import SPEC_KEY, Adapter, raise_mismatches, shape_mismatches
+from flaxlayer._adapter import (
+    SPEC_KEY,
+    ModuleAdapter,
+    Plan,
+    raise_mismatches,
+    shape_mismatches,
+)
 from flaxlayer._methods import resolve_method
 from flaxlayer._variables import flatten_with_paths
 
@@ -33,7 +39,8 @@ def _partition_spec(box: Any) -> Any:
     if isinstance(box, nn.LogicallyPartitioned):
         # Logical names become mesh axes by the box's rules or the `nn.logical_axis_rules`
         # in effect while the layer is built.
-        return jax.sharding.PartitionSpec(*nn.logical_to_mesh_axes(box.names, box.rules))
+        axes = nn.logical_to_mesh_axes(box.names, box.rules)
+        return jax.sharding.PartitionSpec(*(axes or ()))
     return box.get_partition_spec()
 
 
@@ -45,7 +52,7 @@ def _split_keys(rng, streams: tuple[str, ...]):
 
 
 def _same_structure(a: Any, b: Any) -> bool:
-    if jax.tree.structure(a) != jax.tree.structure(b):
+    if jax.tree.structure(a) != jax.tree.structure(b):  # type: ignore[operator]
         return False
     return all(
         np.shape(x) == np.shape(y) and jnp.result_type(x) == jnp.result_type(y)
@@ -65,15 +72,14 @@ def sum_losses(collection: Any):
     return sum(jnp.sum(leaf).astype(jnp.float32) for leaf in leaves)
 
 
-class LinenAdapter(Adapter):
-    #: Flax's own classes, whose methods are never the method a layer calls.
+class LinenAdapter(ModuleAdapter):
     framework = nn.Module.__mro__
 
     def __init__(self, module: nn.Module, method: Any, *, owner: str):
-        super().__init__(owner)
+        super().__init__(module, method, owner=owner)
         self.module = module
         self.method = resolve_method(module, method, owner=owner, framework=self.framework)
-        self.streams = {False: (), True: ()}
+        self.streams: dict[bool, tuple[str, ...]] = {False: (), True: ()}
         self.init_streams: tuple[str, ...] = ("dropout", "params")
         self.state_collections: tuple[str, ...] = ()
         self.boxed: Any = None
@@ -135,14 +141,17 @@ class LinenAdapter(Adapter):
                 break
             candidates = stable
         self.state_collections = tuple(candidates)
-        for training in (False, True):
-            self.needs_rng[training] = bool(self.streams[training])
-            self.has_loss[training] = bool(jax.tree.leaves(results[training][1].get(LOSSES, {})))
         self.init_streams = tuple(
             sorted({"params", "dropout", *self.streams[False], *self.streams[True]})
         )
         params = {"params": abstract["params"]} if "params" in abstract else {}
-        return params, {c: abstract[c] for c in self.state_collections}
+        sows_loss = [bool(jax.tree.leaves(results[t][1].get(LOSSES, {}))) for t in (False, True)]
+        return Plan(
+            trees=(params, {c: abstract[c] for c in self.state_collections}),
+            needs_rng=(bool(self.streams[False]), bool(self.streams[True])),
+            has_loss=(sows_loss[0], sows_loss[1]),
+            partition_specs=self._partition_specs(),
+        )
 
     def init(self, rng, inputs):
         variables = meta.unbox(self._init(rng, inputs))
@@ -150,9 +159,9 @@ class LinenAdapter(Adapter):
         state = {c: variables.pop(c) for c in self.state_collections}
         return params, state
 
-    def given(self, initial, expected, inputs):
+    def given(self, initial, plan, inputs):
         variables = meta.unbox(dict(initial))
-        exp_params, exp_state = expected
+        exp_params, exp_state = plan.trees
         expected_all = {**exp_params, **exp_state}
         sown = [c for c in variables if c not in expected_all and c in SOWN_BY_CONVENTION]
         for c in sown:
@@ -208,7 +217,7 @@ class LinenAdapter(Adapter):
         new_state = {c: mutated.get(c, state[c]) for c in state}
         return outputs, new_state, sum_losses(mutated.get(LOSSES, {}))
 
-    def partition_specs(self):
+    def _partition_specs(self) -> dict:
         if self.boxed is None:
             return {}
         leaves, paths, _ = flatten_with_paths(self.boxed, is_leaf=_is_box)
@@ -224,7 +233,7 @@ class LinenAdapter(Adapter):
     def summary(self) -> str:
         return _one_line(repr(self.module))
 
-    def module_object(self, layer) -> nn.Module:
+    def module_object(self, values) -> nn.Module:
         return self.module
 
     def export(self, params: dict, state: dict) -> dict:

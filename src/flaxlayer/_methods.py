@@ -93,7 +93,7 @@ def resolve_method(module: Any, method: Any, *, owner: str, framework: tuple[typ
             f"function taking the module first; got {type(method).__name__}: {method!r}."
         )
 
-    def hint(required: list[str], binding: Binding) -> str:
+    def hint(required: list[str], binding: Binding | None) -> str:
         return _wrapper_hint(cls, kind, name, fn, required, binding)
 
     binding = bind(fn, owner=owner, role="method", skip_first=True, wrapper_hint=hint)

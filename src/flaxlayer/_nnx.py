@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from flaxlayer._adapter import Adapter, raise_mismatches, shape_mismatches
-from flaxlayer._compat import key_impl_name
+from flaxlayer._adapter import ModuleAdapter, Plan, raise_mismatches, shape_mismatches
+from flaxlayer._compat import key_impl_name, replace_variable_value
 from flaxlayer._methods import resolve_method
 
 _DEFAULT_IMPL = "threefry2x32"
@@ -26,8 +26,7 @@ def _is_key(x: Any) -> bool:
 
 
 def _split_state(module: nnx.Module):
-    graphdef, params, rngs, rest = nnx.split(module, nnx.Param, nnx.RngState, ...)
-    return graphdef, params, rngs, rest
+    return nnx.split(module, nnx.Param, nnx.RngState, ...)
 
 
 class _StateLayout:
@@ -56,7 +55,7 @@ class _StateLayout:
             for key in path:
                 node = node[key]
             leaves.append(node)
-        return self.treedef.unflatten(leaves)
+        return self.treedef.unflatten(leaves)  # type: ignore[attr-defined]
 
 
 def _leaves_at(tree: dict, paths: list) -> list:
@@ -121,16 +120,15 @@ def _mark_moved(module: nnx.Module, owner: str) -> None:
             value = node.get_value()
             if hasattr(value, "shape") and hasattr(value, "dtype"):
                 message = _moved_message(module, owner, path)
-                node.set_value(MovedArray(tuple(value.shape), value.dtype, message))
+                replace_variable_value(node, MovedArray(tuple(value.shape), value.dtype, message))
 
 
-class NNXAdapter(Adapter):
+class NNXAdapter(ModuleAdapter):
     init_uses_rng = False
-    #: Flax's own classes, whose methods are never the method a layer calls.
     framework = nnx.Module.__mro__
 
     def __init__(self, module: nnx.Module, method: Any, *, owner: str):
-        super().__init__(owner)
+        super().__init__(module, method, owner=owner)
         self.module_class = type(module)
         self.method = resolve_method(module, method, owner=owner, framework=self.framework)
         self._module: nnx.Module | None = module
@@ -147,8 +145,7 @@ class NNXAdapter(Adapter):
             else ("count", tuple(x.shape), x.dtype)
             for x in jax.tree.leaves(rngs)
         ]
-        uses_rng = any(kind == "key" for kind, _, _ in self.rng_leaves)
-        self.needs_rng = {False: uses_rng, True: uses_rng}
+        self.uses_rng = any(kind == "key" for kind, _, _ in self.rng_leaves)
         self._specs = {
             tuple(str(k) for k in path): nnx.spmd.get_var_pspec(var)
             for state in (params, rest)
@@ -169,7 +166,11 @@ class NNXAdapter(Adapter):
     # ----------------------------------------------------------------------------- engine
 
     def plan(self, inputs):
-        return self._abstract
+        return Plan(
+            trees=self._abstract,
+            needs_rng=(self.uses_rng, self.uses_rng),
+            partition_specs=self._specs,
+        )
 
     def init(self, rng, inputs):
         params, rest = self._arrays
@@ -177,7 +178,7 @@ class NNXAdapter(Adapter):
         self._arrays = self._module = None
         return self.params_layout.to_pure(params), self.state_layout.to_pure(rest)
 
-    def given(self, initial, expected, inputs):
+    def given(self, initial, plan, inputs):
         if not isinstance(initial, nnx.State):
             raise TypeError(
                 f"{self.owner}: for an NNX module, `variables` must be an nnx.State (e.g. "
@@ -187,6 +188,7 @@ class NNXAdapter(Adapter):
         flat = _flat_values(initial)
         params = self._pick(flat, self.params_layout)
         state = self._pick(flat, self.state_layout)
+        expected = plan.trees
         problems = shape_mismatches(expected[0], params) + shape_mismatches(expected[1], state)
         raise_mismatches(
             self.owner,
@@ -207,9 +209,6 @@ class NNXAdapter(Adapter):
                 node[path[-1]] = flat[path]
         return pure
 
-    def partition_specs(self):
-        return self._specs
-
     def fresh_rngs(self, rng) -> nnx.State:
         leaves = []
         base = jax.random.wrap_key_data(rng) if rng is not None else jax.random.key(0)
@@ -226,7 +225,7 @@ class NNXAdapter(Adapter):
             if shape:
                 key = jax.random.split(key, shape)
             leaves.append(key)
-        return self.rngs_layout.treedef.unflatten(leaves)
+        return self.rngs_layout.treedef.unflatten(leaves)  # type: ignore[attr-defined]
 
     def module_from(self, params: dict, state: dict, rng) -> nnx.Module:
         return nnx.merge(
@@ -262,10 +261,10 @@ class NNXAdapter(Adapter):
         more = f", ... ({len(shapes) - 20} more)" if len(shapes) > 20 else ""
         return f"{self.model_name()} with variables " + ", ".join(shapes[:20]) + more
 
-    def module_object(self, layer) -> nnx.Module:
-        if self._module is not None and not layer.built:
+    def module_object(self, values) -> nnx.Module | None:
+        if values is None:
             return self._module
-        params, state = layer._values()
+        params, state = values
         return self.module_from(params, state, None)
 
     def export(self, params: dict, state: dict) -> nnx.State:

@@ -134,14 +134,14 @@ def _is_config(value: Any) -> bool:
 
 
 @functools.cache
-def declared_types(cls: type) -> dict[str, Any]:
+def declared_types(cls: Any) -> dict[str, Any]:
     """The type each field or attribute of `cls` is declared with (for NNX also `__init__`'s).
 
     Annotations are resolved in the class's own module; one that cannot be resolved counts as
     undeclared.
     """
     declared: dict[str, Any] = {}
-    sources = [cls]
+    sources: list[Any] = [cls]
     init = vars(cls).get("__init__") or getattr(cls, "__init__", None)
     if _is_nnx_class(cls) and inspect.isfunction(init):
         sources.insert(0, init)
@@ -269,7 +269,7 @@ class Encoder:
         self._nodes[id(node)] = index = len(self._nodes)
         cls = type(node)
         ref = self.class_ref(cls, where, instantiated=True)
-        declared = declared_types(cls)
+        declared = declared_types(cls)  # type: ignore[arg-type]
         attributes, data = {}, None
         for name, value in vars(node).items():
             if name == "_pytree__state":
@@ -370,13 +370,14 @@ class Encoder:
         ref = self.class_ref(cls, where, instantiated=True)
         if dataclasses.is_dataclass(value):
             return {TAG: "config", "class": ref, "fields": self._fields(value, cls)}
-        return {TAG: "config", "class": ref, "dict": self.value(dict(value.to_dict()), where)}
+        as_dict = dict(value.to_dict())  # type: ignore[attr-defined]
+        return {TAG: "config", "class": ref, "dict": self.value(as_dict, where)}
 
     def function(self, fn: Any, where: str) -> dict:
         numerical = _trust.numerical_name(fn)
         if numerical is not None:
-            module_name, name = _trust.split_name(numerical)
-            return {TAG: "function", "module": module_name, "qualname": name}
+            allowed_module, allowed_name = _trust.split_name(numerical)
+            return {TAG: "function", "module": allowed_module, "qualname": allowed_name}
         registered = keras.saving.get_registered_name(fn)
         if (
             registered

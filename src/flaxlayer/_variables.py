@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import keras
 import numpy as np
 
+from flaxlayer._bridges import initial_value
 from flaxlayer._compat import in_stateless_scope
 
 
@@ -78,7 +79,6 @@ def create_variables(
     """
     variables = []
     seen: dict[tuple[str, ...], int] = {}
-    on_jax = keras.backend.backend() == "jax"
     deferred = in_stateless_scope()
     for i, parts in enumerate(paths):
         full = prefix + parts
@@ -95,10 +95,8 @@ def create_variables(
             value = np.asarray(value, keras.backend.standardize_dtype(type(value)))
         elif pending is not None:
             value = jax.ShapeDtypeStruct(np.shape(value), value.dtype)
-        elif not on_jax:
-            value = np.array(value) if copy else np.asarray(value)
         else:
-            value = jnp.array(value, copy=True) if copy else value
+            value = initial_value(value, copy=copy)
         leaves[i] = None
         dtype = dtype_for(value.dtype)
         floating = is_float_dtype(dtype)

@@ -1,8 +1,16 @@
-"""Backend bridges: run a pure JAX function on the tensors of the active Keras backend."""
+"""Backend bridges: run a pure JAX function on the tensors of the active Keras backend.
+
+Every branch on the Keras backend lives in this package: compiling the pure program, the values
+variables start from and are read back as, placeholders while a file loads, and whether
+`keras.distribution` applies.
+"""
 
 from collections.abc import Callable
+from typing import Any
 
+import jax.numpy as jnp
 import keras
+import numpy as np
 
 SUPPORTED_BACKENDS = ("jax", "tensorflow", "torch")
 
@@ -75,3 +83,26 @@ def placeholder_for_loading() -> Callable | None:
 
         return untouched_empty
     return None
+
+
+def supports_distribution() -> bool:
+    """`keras.distribution` lays variables out on JAX devices: the JAX backend only."""
+    return keras.backend.backend() == "jax"
+
+
+def initial_value(array: Any, *, copy: bool) -> Any:
+    """What a Keras variable is created from, for a JAX `array`.
+
+    On JAX the array itself (the variable takes it over) or a copy; on the other backends a
+    NumPy array, which the backend copies into its own tensor.
+    """
+    if keras.backend.backend() == "jax":
+        return jnp.array(array, copy=True) if copy else array
+    return np.array(array) if copy else np.asarray(array)
+
+
+def jax_copy(value: Any) -> Any:
+    """A JAX array copy of a variable's value (never a view of the variable's buffer)."""
+    if keras.backend.backend() == "jax":
+        return jnp.copy(value)
+    return jnp.asarray(keras.ops.convert_to_numpy(value))

@@ -30,10 +30,16 @@ import jax
 import tensorflow as tf
 from jax.experimental import jax2tf
 
+from flaxlayer import _compat
+
 # The StableHLO version our exports serialize for, while one of them runs (None: JAX's own).
 _TARGET: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "flaxlayer_stablehlo_target", default=None
 )
+
+
+# The serializers we installed (so that a second install, or a reload, wraps nothing twice).
+_HOOKS: set = set()
 
 
 def _poly_shape(leaf_index: int, shape) -> str | None:
@@ -56,76 +62,35 @@ def _signature(inputs) -> tuple:
 
 
 @functools.cache
-def _tensorflow_stablehlo_target() -> str | None:
-    """The StableHLO version our modules are serialized for; None: serialize as JAX does.
+def _tensorflow_stablehlo_target() -> str:
+    """The StableHLO version our modules are serialized for: the older of JAX's default
+    target and TensorFlow's own version. Installs the serializer hook on first use."""
+    from tensorflow.compiler.mlir.stablehlo import stablehlo as tf_stablehlo
 
-    The older of JAX's default target and TensorFlow's own version. None when either library
-    does not say, or the serializer cannot be reached (then nothing is changed).
-    """
-    try:
-        from jax._src.lib.mlir.dialects import hlo
-        from tensorflow.compiler.mlir.stablehlo import stablehlo as tf_stablehlo
-
-        jax_target = hlo.get_version_from_compatibility_requirement(
-            hlo.StablehloCompatibilityRequirement.WEEK_4
-        )
-        target = hlo.get_smaller_version(jax_target, tf_stablehlo.get_current_version())
-    except (ImportError, AttributeError):
-        return None
-    return target if _install_serializer_hook() else None
+    _install_serializer_hook()
+    return _compat.jax_stablehlo_target(tf_stablehlo.get_current_version())
 
 
-def _install_serializer_hook() -> bool:
-    """Routes JAX export's serialization through `_for_tensorflow` while `_TARGET` is set.
-
-    Returns True if in place. Outside our conversions (`_TARGET` unset) the serializer does
-    exactly what it did.
-    """
-    try:
-        from jax._src.export import _export
-        from jax._src.lib.mlir.dialects import hlo
-
-        original = _export._module_to_bytecode
-        hlo.register_stablehlo_passes()  # chlo-legalize-to-stablehlo, for _for_tensorflow
-    except (ImportError, AttributeError):
-        return False
-    if getattr(original, "_flaxlayer_original", None) is not None:
-        return True
-
-    def module_to_bytecode(module):
-        target = _TARGET.get()
-        return original(module) if target is None else _for_tensorflow(module, target)
-
-    module_to_bytecode._flaxlayer_original = original
-    _export._module_to_bytecode = module_to_bytecode
-    return True
-
-
-def _for_tensorflow(module, target: str) -> bytes:
-    """`module` serialized for StableHLO `target`, with its CHLO operations expanded.
+def _install_serializer_hook() -> None:
+    """Routes JAX export's serialization through `_compat.serialize_portable` while `_TARGET`
+    is set. Outside our conversions (`_TARGET` unset) the serializer does exactly what it did.
 
     Serialization keeps CHLO operations without a StableHLO equivalent (`erf`, `top_k`) as
     `composite` operations; TensorFlow 2.21 reads no `composite_v2`, and cannot refine the
     dynamic shapes inside a composite's body (shape polymorphism). Expanded beforehand into
-    plain StableHLO (as XLA expands them before compiling), they leave nothing to wrap. A
-    module the expansion fails on is serialized as it is.
+    plain StableHLO (as XLA expands them before compiling), they leave nothing to wrap.
     """
-    from jax._src import xla_bridge
-    from jax._src.interpreters import mlir
-    from jax._src.lib import _jax
-    from jax._src.lib.mlir import ir, passmanager
+    get, set_ = _compat.export_serializer()
+    original = get()
+    if original in _HOOKS:
+        return
 
-    with module.context:
-        expanded = ir.Module.parse(mlir.module_to_bytecode(module))  # a copy: JAX keeps its own
-        try:
-            passmanager.PassManager.parse(
-                "builtin.module(func.func(chlo-legalize-to-stablehlo))"
-            ).run(expanded.operation)
-        except (ir.MLIRError, RuntimeError, ValueError):
-            expanded = module
-    return _jax.mlir.serialize_portable_artifact(
-        expanded, target, xla_bridge.get_backend().serialize_with_sdy
-    )
+    def module_to_bytecode(module):
+        target = _TARGET.get()
+        return original(module) if target is None else _compat.serialize_portable(module, target)
+
+    _HOOKS.add(module_to_bytecode)
+    set_(module_to_bytecode)
 
 
 @contextlib.contextmanager
@@ -165,7 +130,7 @@ class _Converted:
     def __call__(self, *args) -> list:
         # Tensors of this graph: an argument may come from an enclosing graph (the forward
         # pass's, when this is the gradient of a tf.function); identity captures it here.
-        args = [tf.identity(tf.convert_to_tensor(a)) for a in args]
+        tensors = [tf.identity(tf.convert_to_tensor(a)) for a in args]
 
         @tf.custom_gradient
         def call(*args):
@@ -177,7 +142,7 @@ class _Converted:
 
             return outs, grad
 
-        return list(call(*args))
+        return list(call(*tensors))
 
     def _gradient(self, args: list, outs: list, cts: Sequence) -> list:
         wrt = tuple(i for i, a in enumerate(args) if _differentiable(a.dtype))

@@ -1,0 +1,148 @@
+"""Input specs: the shapes and dtypes a layer is built for, abstract inputs made from them, and
+their JSON form in a layer's build config."""
+
+from typing import Any
+
+import jax
+import keras
+import numpy as np
+
+from flaxlayer._serialization import SerializationError
+from flaxlayer._trust import Refused, dtype_from_name
+from flaxlayer._variables import is_float_dtype
+
+MAX_SPEC_DEPTH = 100
+
+
+# Unknown dimensions are probed at two sizes to tell which output dimensions follow them.
+PROBE_SIZES = (8, 12)
+
+
+class Leaf:
+    """Shape (with None for unknown dimensions) and dtype of one input leaf."""
+
+    __slots__ = ("dtype", "shape")
+
+    def __init__(self, shape, dtype):
+        self.shape, self.dtype = tuple(shape), dtype
+
+    def struct(self, fill: int) -> jax.ShapeDtypeStruct:
+        return jax.ShapeDtypeStruct(tuple(fill if d is None else d for d in self.shape), self.dtype)
+
+
+def leaf_dtype(dtype: Any, float_dtype: str) -> Any:
+    dtype = keras.backend.standardize_dtype(dtype) if dtype is not None else float_dtype
+    return float_dtype if is_float_dtype(dtype) else dtype
+
+
+def spec_of(inputs: Any, float_dtype: str) -> Any:
+    def leaf(x):
+        return Leaf(
+            tuple(np.shape(x)) if not hasattr(x, "shape") else tuple(x.shape),
+            leaf_dtype(getattr(x, "dtype", None), float_dtype),
+        )
+
+    return keras.tree.map_structure(leaf, inputs)
+
+
+def is_shape(x: Any) -> bool:
+    return isinstance(x, (tuple, list)) and all(d is None or isinstance(d, int) for d in x)
+
+
+def spec_from_shapes(shapes: Any, float_dtype: str) -> Any:
+    if is_shape(shapes):
+        return Leaf(shapes, float_dtype)
+    if isinstance(shapes, dict):
+        return {k: spec_from_shapes(v, float_dtype) for k, v in shapes.items()}
+    if isinstance(shapes, (tuple, list)):
+        return type(shapes)(spec_from_shapes(v, float_dtype) for v in shapes)
+    raise ValueError(f"Cannot read an input shape from {shapes!r}.")
+
+
+def structs(spec: Any, fill: int) -> Any:
+    return jax.tree.map(lambda leaf: leaf.struct(fill), spec, is_leaf=lambda x: isinstance(x, Leaf))
+
+
+def has_unknown(spec: Any) -> bool:
+    leaves = jax.tree.leaves(spec, is_leaf=lambda x: isinstance(x, Leaf))
+    return any(d is None for leaf in leaves for d in leaf.shape)
+
+
+def merge_probes(a: jax.ShapeDtypeStruct, b: jax.ShapeDtypeStruct) -> keras.KerasTensor:
+    shape = tuple(x if x == y else None for x, y in zip(a.shape, b.shape, strict=True))
+    return keras.KerasTensor(shape, dtype=keras.backend.standardize_dtype(a.dtype))
+
+
+def dtype_name(x: Any) -> str:
+    return keras.backend.standardize_dtype(x.dtype)
+
+
+def spec_to_config(spec: Any, owner: str, what: str) -> Any:
+    """A tree of `Leaf`s (and static strings) as JSON."""
+    if isinstance(spec, Leaf):
+        return {"shape": list(spec.shape), "dtype": keras.backend.standardize_dtype(spec.dtype)}
+    if isinstance(spec, dict):
+        return {"dict": [[k, spec_to_config(v, owner, what)] for k, v in spec.items()]}
+    if isinstance(spec, (list, tuple)) and not hasattr(spec, "_fields"):
+        kind = "list" if isinstance(spec, list) else "tuple"
+        return {kind: [spec_to_config(v, owner, what) for v in spec]}
+    if spec is None:
+        return {"none": None}
+    if isinstance(spec, str):
+        return {"static": spec}
+    raise SerializationError(
+        f"{owner}: cannot record the {what} structure: it holds a {type(spec).__qualname__}. "
+        "Only dicts, lists, tuples, arrays and strings can be saved; give the layer an "
+        "init_fn that creates the values instead."
+    )
+
+
+def spec_from_config(data: Any, owner: str, path: tuple, *, abstract: bool = False) -> Any:
+    """The tree `spec_to_config` wrote; every entry checked (shapes, dtypes, depth)."""
+
+    def fail(where: tuple, what: str) -> SerializationError:
+        shown = ".".join(str(p) for p in where)
+        return SerializationError(f"{owner}: cannot load config entry {shown}: {what}")
+
+    def read(node: Any, where: tuple) -> Any:
+        if len(where) > 2 * MAX_SPEC_DEPTH:
+            raise fail(where, f"it is nested deeper than {MAX_SPEC_DEPTH} levels.")
+        if not isinstance(node, dict) or len(node) not in (1, 2):
+            raise fail(where, f"{node!r} is not an entry of a recorded structure.")
+        if set(node) == {"shape", "dtype"}:
+            shape = node["shape"]
+            if not (
+                isinstance(shape, list)
+                and len(shape) <= 32
+                and all(
+                    (d is None and not abstract)
+                    or (isinstance(d, int) and not isinstance(d, bool) and d >= 0)
+                    for d in shape
+                )
+            ):
+                raise fail((*where, "shape"), f"{shape!r} is not a shape.")
+            try:
+                dtype = dtype_from_name(node["dtype"])
+            except Refused as e:
+                raise fail((*where, "dtype"), str(e)) from None
+            return Leaf(shape, dtype.name)
+        (kind,) = node if len(node) == 1 else (None,)
+        value = node.get(kind)
+        if kind == "none" and value is None:
+            return None
+        if kind == "static" and isinstance(value, str):
+            return value
+        if kind in ("list", "tuple") and isinstance(value, list):
+            items = [read(v, (*where, kind, i)) for i, v in enumerate(value)]
+            return items if kind == "list" else tuple(items)
+        if kind == "dict" and isinstance(value, list):
+            out = {}
+            for i, item in enumerate(value):
+                pair = isinstance(item, list) and len(item) == 2
+                if not (pair and isinstance(item[0], (str, int))):
+                    raise fail((*where, "dict", i), "not a [key, value] pair.")
+                out[item[0]] = read(item[1], (*where, "dict", item[0]))
+            return out
+        raise fail(where, f"{node!r} is not an entry of a recorded structure.")
+
+    return read(data, path)
