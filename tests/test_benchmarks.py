@@ -1,0 +1,90 @@
+"""The benchmark report's goals table: which goals exist, how each verdict is reached, and what
+`make bench`'s exit code says. Run on synthetic timings: no benchmark is measured here."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import keras
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def run():
+    if keras.backend.backend() != "jax":
+        pytest.skip("the report is pure Python: checked once, in the jax session")
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        spec = importlib.util.spec_from_file_location("bench_run", BENCHMARKS / "run.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    return module
+
+
+def synthetic(run, seconds):
+    """Every item a full run measures, each taking `seconds(backend, key, variant)`."""
+    config = run.CONFIGS["full"]
+    keys = [(f"fit/{w}", run.FIT_VARIANTS) for w in config["fit"]]
+    keys += [
+        (f"eager/b{b}", run.EAGER_VARIANTS + (run.EAGER_EXTRA if b == 32 else ()))
+        for b in config["eager_batches"]
+    ]
+    items = [run.Item("jax", k, v, [seconds("jax", k, v)] * 3) for k, vs in keys for v in vs]
+    for backend in run.BACKENDS:
+        for v in run.BACKEND_VARIANTS:
+            items.append(run.Item(backend, "backend/cnn", v, [seconds(backend, "cnn", v)] * 3))
+        items.append(
+            run.Item(backend, "backend/eager", "ours/call", [seconds(backend, "e", "")] * 3)
+        )
+    items.append(run.Item("jax", "backend/eager", "apply/jit", [1.0] * 3))
+    builds = {
+        case: [{"seconds": 10.0, "peak": 1.1 * run.build_memory.PARAM_BYTES}] * 3
+        for case in run.BUILD_CASES
+    }
+    return config, items, builds
+
+
+def test_every_goal_of_a_full_run_is_in_the_table(run):
+    config = run.CONFIGS["full"]
+    table = run.goals(config, set(run.SECTIONS))
+    # 14 ratio goals; the report adds a 15th, the outputs check (max abs difference).
+    assert len(table) == 14
+    assert len({g.name for g in table}) == 14
+    assert {g.name[:2] for g in table} == {"T1", "T2", "T3", "T4"}
+    only_fit = run.goals(config, {"fit"})
+    assert {g.section for g in only_fit} == {"fit"} and len(only_fit) == 5
+
+
+def test_verdicts_and_the_summary_line(run):
+    def seconds(backend, key, variant):
+        if backend != "jax" and key == "e":
+            return 4.0  # eager on TF/torch: 4x jax.jit(module.apply), over the 3x goal
+        return 1.0
+
+    config, items, builds = synthetic(run, seconds)
+    targets = run.evaluate_goals(run.goals(config, set(run.SECTIONS)), items, builds)
+    verdicts = {t.name: t.verdict for t in targets}
+    failed = sorted(name for name, verdict in verdicts.items() if verdict == "FAIL")
+    assert failed == [
+        "T1 eager flaxlayer.FlaxLayer layer(x), batch 32, tensorflow backend: "
+        "vs jax.jit(module.apply)",
+        "T1 eager flaxlayer.FlaxLayer layer(x), batch 32, torch backend: vs jax.jit(module.apply)",
+    ]
+    assert verdicts["T3 build peak memory / param bytes"] == "PASS"  # 1.1x <= 1.2x
+    lines = run._summary_lines({"targets": targets})
+    assert lines[-1].startswith("12 of 14 goals met, 2 missed (FAIL).")
+    assert "exits 1 when any goal is missed, as it did" in lines[-1]
+
+
+def test_a_miss_within_noise_passes_and_says_so(run):
+    def seconds(backend, key, variant):
+        return 1.03 if variant.startswith("ours/spe") else 1.0  # ours 3% slower than keras
+
+    config, items, builds = synthetic(run, seconds)
+    targets = run.evaluate_goals(run.goals(config, {"fit"}), items, builds)
+    ours_vs_keras = [t for t in targets if t.name.endswith("ours / keras")]
+    assert ours_vs_keras and all(t.verdict == "PASS (within noise)" for t in ours_vs_keras)
