@@ -8,12 +8,9 @@ import numpy as np
 import pytest
 
 from conftest import make_data
+from conftest import to_numpy as _np
 from flaxlayer import FlaxLayer
 from models import ConstantLossModule, SowModule
-
-
-def _np(x):
-    return keras.ops.convert_to_numpy(x)
 
 
 def test_sown_collections_do_not_break_call_jit_or_fit():

@@ -6,11 +6,8 @@ import keras
 import numpy as np
 
 from conftest import make_data
+from conftest import to_numpy as _np
 from flaxlayer import JaxLayer
-
-
-def _np(x):
-    return keras.ops.convert_to_numpy(x)
 
 
 def _mlp_forward(inputs, training):

@@ -10,12 +10,8 @@ import numpy as np
 import pytest
 
 from conftest import make_data, to_numpy
+from conftest import to_numpy as _np
 from flaxlayer import JaxLayer
-
-
-def _np(x):
-    return keras.ops.convert_to_numpy(x)
-
 
 # ----------------------------------------------------------------------- a plain JAX MLP
 

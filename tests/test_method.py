@@ -1,20 +1,79 @@
-"""Point 2: the `method` argument (None, bound method, name, function) and its errors."""
+"""Point 2: the `method` argument (None, bound method, name, function) and its errors.
+
+Behaviours that hold for Linen and NNX alike are one test parametrized by module kind: a Linen
+`EncoderModule` and an NNX `MLP`, both with `encode(inputs)` and `takes_extra(inputs, scale)`.
+"""
 
 import flax.linen as nn
 import jax.numpy as jnp
-import keras
 import numpy as np
 import pytest
+from flax import nnx
 
 from conftest import to_numpy
+from conftest import to_numpy as _np
 from flaxlayer import FlaxLayer
 from models import EncoderModule
+from nnx_models import MLP
+
+KINDS = {"linen": EncoderModule, "nnx": lambda: MLP(3, 2, rngs=nnx.Rngs(0))}
 
 X = np.arange(6, dtype="float32").reshape(2, 3) / 6.0
 
 
-def _np(x):
-    return keras.ops.convert_to_numpy(x)
+def encode_in_pure_flax(layer, x):
+    """`encode` of the wrapped module, run by Flax itself on the layer's current values."""
+    module = layer.module
+    if isinstance(module, nnx.Module):
+        module.eval()
+        return np.asarray(module.encode(x))
+    return np.asarray(module.apply(layer.flax_variables, x, method="encode"))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("how", ["name", "bound"])
+def test_method_name_or_bound_method(kind, how):
+    module = KINDS[kind]()
+    layer = FlaxLayer(module, method="encode" if how == "name" else module.encode)
+    out = _np(layer(X))
+    assert out.shape == ((2, 4) if kind == "linen" else (2, 8))  # encode's, not __call__'s
+    np.testing.assert_allclose(out, encode_in_pure_flax(layer, X), rtol=1e-5, atol=1e-6)
+    if kind == "linen":  # only the submodule encode uses was initialized
+        assert set(layer.params["params"]) == {"enc"}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_method_function_inputs_argument_may_have_any_name(kind):
+    """The first argument after the module receives the inputs, whatever its name."""
+
+    def fn(m, x):
+        return m.encode(x)
+
+    layer = FlaxLayer(KINDS[kind](), method=fn)
+    np.testing.assert_allclose(_np(layer(X)), encode_in_pure_flax(layer, X), atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("how", ["name", "bound", "function"])
+def test_method_with_an_extra_argument_raises_at_construction(kind, how):
+    module = KINDS[kind]()
+
+    def with_scale(module, inputs, training, scale):
+        return module.encode(inputs) * scale
+
+    method = {"name": "takes_extra", "bound": module.takes_extra, "function": with_scale}[how]
+    with pytest.raises(ValueError, match="`scale`") as info:
+        FlaxLayer(module, method=method, name="my_layer")
+    assert "FlaxLayer 'my_layer'" in str(info.value)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_unknown_method_name_raises(kind):
+    with pytest.raises(ValueError, match="no_such_method") as info:
+        FlaxLayer(KINDS[kind](), method="no_such_method", name="enc_layer")
+    message = str(info.value)
+    assert "enc_layer" in message
+    assert "encode" in message  # lists what is available
 
 
 def test_method_none_uses_call():
@@ -23,19 +82,6 @@ def test_method_none_uses_call():
     out = _np(layer(X))
     assert out.shape == (2, 3)
     np.testing.assert_allclose(out, np.asarray(module.apply(layer.flax_variables, X)), rtol=1e-6)
-
-
-@pytest.mark.parametrize("how", ["name", "bound"])
-def test_method_name_or_bound_method(how):
-    module = EncoderModule()
-    method = "encode" if how == "name" else module.encode
-    layer = FlaxLayer(module, method=method)
-    out = _np(layer(X))
-    assert out.shape == (2, 4)  # encode's output, not __call__'s (2, 3)
-    expected = module.apply(layer.flax_variables, X, method="encode")
-    np.testing.assert_allclose(out, np.asarray(expected), rtol=1e-6)
-    # Only the submodule encode uses was initialized.
-    assert set(layer.params["params"]) == {"enc"}
 
 
 def test_method_name_with_training():
@@ -67,40 +113,6 @@ def test_method_function_with_training_any_order():
     np.testing.assert_allclose(_np(layer(x, training=True)) - _np(layer(x)), 1.0, rtol=1e-6)
 
 
-def test_method_extra_argument_of_module_method_raises():
-    with pytest.raises(ValueError, match="scale") as info:
-        FlaxLayer(EncoderModule(), method="takes_extra", name="my_layer")
-    assert "my_layer" in str(info.value)
-
-
-def test_method_extra_argument_of_bound_method_raises():
-    module = EncoderModule()
-    with pytest.raises(ValueError, match="scale"):
-        FlaxLayer(module, method=module.takes_extra)
-
-
-def test_method_function_extra_argument_raises():
-    def fn(module, inputs, training, extra):
-        return module.encode(inputs)
-
-    with pytest.raises(ValueError, match="extra") as info:
-        FlaxLayer(EncoderModule(), method=fn, name="named_layer")
-    assert "named_layer" in str(info.value)
-
-
-def test_method_function_inputs_argument_may_have_any_name():
-    """The first argument after the module receives the inputs, whatever its name."""
-
-    def fn(m, x):
-        return m.encode(x)
-
-    layer = FlaxLayer(EncoderModule(), method=fn)
-    x = np.ones((2, 3), "float32")
-    out = layer(x)
-    expected = EncoderModule().apply(layer.flax_variables, x, method=EncoderModule.encode)
-    np.testing.assert_allclose(to_numpy(out), np.asarray(expected), atol=1e-6)
-
-
 def test_call_with_x_and_train_arguments():
     class RealCall(nn.Module):
         @nn.compact
@@ -127,14 +139,6 @@ def test_method_with_an_unfillable_argument_raises_with_the_wrapper_to_write():
     assert "def call_masked(module, inputs, training=False):" in message
     assert "x, mask = inputs" in message
     assert "return module(x, mask, deterministic=not training)" in message
-
-
-def test_unknown_method_name_raises():
-    with pytest.raises(ValueError, match="no_such_method") as info:
-        FlaxLayer(EncoderModule(), method="no_such_method", name="enc_layer")
-    message = str(info.value)
-    assert "enc_layer" in message
-    assert "encode" in message  # lists what is available
 
 
 def test_a_dataclass_field_holding_a_function_is_not_a_method():

@@ -6,12 +6,9 @@ import keras
 import numpy as np
 
 from conftest import make_data
+from conftest import to_numpy as _np
 from flaxlayer import FlaxLayer
 from models import MLP, DictModule
-
-
-def _np(x):
-    return keras.ops.convert_to_numpy(x)
 
 
 def test_sequential_fit_predict():

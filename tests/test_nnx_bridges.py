@@ -4,12 +4,9 @@ import keras
 import numpy as np
 from flax import nnx
 
+from conftest import to_numpy as _np
 from flaxlayer import FlaxLayer
 from nnx_models import LinenMLP, SimpleNNX
-
-
-def _np(x):
-    return np.asarray(keras.ops.convert_to_numpy(x))
 
 
 def _data(n=16):

@@ -65,18 +65,6 @@ def test_non_module_is_rejected():
         FlaxLayer(object())
 
 
-@pytest.mark.parametrize("how", ["name", "bound"])
-def test_method_name_or_bound_method(how):
-    module = MLP(3, 2, rngs=nnx.Rngs(0))
-    kernel = np.asarray(module.linear1.kernel.get_value())
-    bias = np.asarray(module.linear1.bias.get_value())
-    layer = FlaxLayer(module, method="encode" if how == "name" else module.encode)
-    x = _x()
-    out = _np(layer(x))
-    assert out.shape == (8, 8)  # encode's output, not __call__'s (8, 2)
-    np.testing.assert_allclose(out, x @ kernel + bias, rtol=1e-5, atol=1e-6)
-
-
 def test_method_function_taking_module_first():
     module = MLP(3, 2, rngs=nnx.Rngs(0))
     kernel = np.asarray(module.linear1.kernel.get_value())
@@ -99,41 +87,12 @@ def test_method_with_training_gets_the_flag(how):
     np.testing.assert_allclose(_np(layer(x, training=True)) - _np(layer(x)), 1.0, rtol=1e-5)
 
 
-@pytest.mark.parametrize("how", ["name", "bound", "function"])
-def test_method_with_an_extra_argument_raises_at_construction(how):
-    module = MLP(3, 2, rngs=nnx.Rngs(0))
-
-    def with_scale(module, inputs, scale):
-        return module(inputs) * scale
-
-    method = {"name": "takes_extra", "bound": module.takes_extra, "function": with_scale}[how]
-    with pytest.raises(ValueError, match="scale") as info:
-        FlaxLayer(module, method=method, name="my_nnx_layer")
-    assert "my_nnx_layer" in str(info.value)
-
-
-def test_method_inputs_argument_may_have_any_name():
-    def call(m, x):
-        return m(x)
-
-    module = MLP(3, 2, rngs=nnx.Rngs(0))
-    module.eval()
-    expected = np.asarray(module(np.ones((2, 3), "float32")))
-    layer = FlaxLayer(module, method=call)
-    np.testing.assert_allclose(_np(layer(np.ones((2, 3), "float32"))), expected, atol=1e-6)
-
-
 def test_method_function_whose_first_argument_is_not_module_raises():
     def wrong(inputs, training):
         return inputs
 
     with pytest.raises(ValueError, match="module"):
         FlaxLayer(MLP(3, 2, rngs=nnx.Rngs(0)), method=wrong)
-
-
-def test_unknown_method_name_raises():
-    with pytest.raises(ValueError, match="no_such_method"):
-        FlaxLayer(MLP(3, 2, rngs=nnx.Rngs(0)), method="no_such_method")
 
 
 # ------------------------------------------------------------------------------ point 2

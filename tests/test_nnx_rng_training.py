@@ -6,12 +6,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from conftest import to_numpy as _np
 from flaxlayer import FlaxLayer
 from nnx_models import MLP, BNNet, DropNet, NoiseNet, TrainingNet
-
-
-def _np(x):
-    return np.asarray(keras.ops.convert_to_numpy(x))
 
 
 def _x(n=8, dim=3, seed=0):

@@ -32,6 +32,7 @@ import pytest
 from flax import nnx
 
 import corpus_models as cm
+from conftest import to_numpy as _np
 from flaxlayer import FlaxLayer
 from helpers import run_python_json
 
@@ -43,10 +44,6 @@ ATOL = 1e-5
 HAVE_TRANSFORMERS = cm.FlaxBertForSequenceClassification is not None  # the `hf` extra
 
 MODELS = ["resnet", "transformer_lm", "vae", "bilstm", "nnx_gpt", "nnx_scan", "hf_bert"]
-
-
-def _np(x):
-    return np.asarray(keras.ops.convert_to_numpy(x))
 
 
 def _token_ids(n, length, vocab, seed, pad=False):

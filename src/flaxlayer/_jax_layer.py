@@ -587,13 +587,7 @@ class JaxLayer(keras.layers.Layer):
                 + "\n  ".join(problems)
                 + "\nNo weight was loaded. Load a file saved from this module configuration."
             )
-        for variable, value in zip(variables, values, strict=True):
-            if _compat.is_deferred(variable):
-                _compat.initialize_deferred(variable, np.asarray(value, variable.dtype))
-            else:
-                variable.assign(value)
-        core.loading = core.pending = core.placeholders = False
-        core.initial = None
+        self._fill(variables, values)
 
     def set_weights(self, weights) -> None:
         """As `keras.layers.Layer.set_weights`; on a layer rebuilt from a config (not loaded
@@ -613,11 +607,17 @@ class JaxLayer(keras.layers.Layer):
                     f"{self._owner_name()}: set_weights got shape {np.shape(value)} for "
                     f"{variable.path}, whose shape is {tuple(variable.shape)}."
                 )
-        for variable, value in zip(variables, weights, strict=True):
+        self._fill(variables, weights)
+
+    def _fill(self, variables: list, values: Sequence) -> None:
+        """Gives every variable its value (first values for deferred ones): the layer is then
+        built like any other, out of loading mode."""
+        for variable, value in zip(variables, values, strict=True):
             if _compat.is_deferred(variable):
                 _compat.initialize_deferred(variable, np.asarray(value, variable.dtype))
             else:
                 variable.assign(value)
+        core = self._core
         core.loading = core.pending = core.placeholders = False
         core.initial = None
 

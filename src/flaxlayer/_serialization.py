@@ -133,6 +133,18 @@ def _is_config(value: Any) -> bool:
 # ------------------------------------------------------------------------- declared types
 
 
+def _registered_name(fn: Any) -> str | None:
+    """The name `fn` is registered under with Keras (`package>name`), if it is registered."""
+    registered = keras.saving.get_registered_name(fn)
+    if (
+        registered
+        and registered != getattr(fn, "__name__", None)
+        and keras.saving.get_registered_object(registered) is fn
+    ):
+        return registered
+    return None
+
+
 @functools.cache
 def declared_types(cls: Any) -> dict[str, Any]:
     """The type each field or attribute of `cls` is declared with (for NNX also `__init__`'s).
@@ -378,12 +390,8 @@ class Encoder:
         if numerical is not None:
             allowed_module, allowed_name = _trust.split_name(numerical)
             return {TAG: "function", "module": allowed_module, "qualname": allowed_name}
-        registered = keras.saving.get_registered_name(fn)
-        if (
-            registered
-            and registered != getattr(fn, "__name__", None)
-            and keras.saving.get_registered_object(registered) is fn
-        ):
+        registered = _registered_name(fn)
+        if registered is not None:
             return {TAG: "function", "registered": registered}
         factory = self._factory_call(fn, where)
         if factory is not None:
@@ -429,12 +437,8 @@ class Encoder:
 
     def method_function(self, fn: Callable, module_cls: type) -> dict:
         """A `method=` function: registered, or defined next to the module's class."""
-        registered = keras.saving.get_registered_name(fn)
-        if (
-            registered
-            and registered != getattr(fn, "__name__", None)
-            and keras.saving.get_registered_object(registered) is fn
-        ):
+        registered = _registered_name(fn)
+        if registered is not None:
             return {TAG: "function", "registered": registered}
         name = getattr(fn, "__qualname__", "")
         module_name = getattr(fn, "__module__", None)
