@@ -726,109 +726,84 @@ VARIANT_LIBRARY = {
 }
 
 
-def chart_panels(analysis: dict, sections: set) -> list[dict]:
-    """One panel per question: title, bars (label, Stat, library), goal lines, axis."""
+@dataclass
+class Panel:
+    """One chart panel, answering one question: bars (label, Stat, library) and goal lines
+    (value, colour, line style, label)."""
+
+    title: str
+    xlabel: str
+    bars: list
+    lines: list = field(default_factory=list)
+    log: bool = False
+
+
+def _goal_line(limit: float) -> tuple:
+    return (limit, "red", "--", f"goal: at most {limit}x")
+
+
+def chart_panels(analysis: dict, sections: set) -> list[Panel]:
+    """The chart's panels, one per question, for the sections that ran."""
     chart, panels = analysis["chart"], []
 
     def library(variant: str) -> str:
         return VARIANT_LIBRARY[variant.split("/")[0]]
 
     if "fit" in sections:
+        name = {"cnn": "CNN", "mlp": "tiny MLP"}
         bars = [
-            (
-                f"{workload.upper() if workload == 'cnn' else 'tiny MLP'}: {_variant_label(v)}",
-                stat,
-                library(v),
-            )
-            for workload, per in chart["fit"].items()
+            (f"{name[w]}: {_variant_label(v)}", stat, library(v))
+            for w, per in chart["fit"].items()
             for v, stat in per.items()
             if v != "optax/step"
         ]
-        panels.append(
-            {
-                "title": "fit throughput / a jitted Flax + Optax step's (higher is better)",
-                "bars": bars,
-                "lines": [
-                    (1.0, "gray", "-", "the jitted Flax + Optax step"),
-                    (OPTAX_TARGET, "red", "--", f"goal on the CNN: {OPTAX_TARGET}x"),
-                ],
-                "xlabel": "throughput relative to the jitted step",
-                "log": False,
-            }
-        )
+        lines = [
+            (1.0, "gray", "-", "the jitted Flax + Optax step"),
+            (OPTAX_TARGET, "red", "--", f"goal on the CNN: {OPTAX_TARGET}x"),
+        ]
+        title = "fit throughput / a jitted Flax + Optax step's (higher is better)"
+        panels.append(Panel(title, "throughput relative to the jitted step", bars, lines))
     if "eager" in sections:
         bars = [
             (f"batch {batch}: {_variant_label(v)}", stat, library(v))
             for batch, per in chart["eager"].items()
             for v, stat in per.items()
         ]
-        panels.append(
-            {
-                "title": "How fast is an eager call? Latency in ms (log scale; lower is better)",
-                "bars": bars,
-                "lines": [],
-                "xlabel": "milliseconds per call",
-                "log": True,
-            }
-        )
+        title = "How fast is an eager call? Latency in ms (log scale; lower is better)"
+        panels.append(Panel(title, "milliseconds per call", bars, log=True))
     if "build" in sections:
         data = chart["build"]
-        for index, (title, goal, xlabel) in enumerate(
+        for index, (what, goal, xlabel) in enumerate(
             (
-                (
-                    "Building over 1 GiB: peak memory / the params' bytes (lower is better)",
-                    MEMORY_TARGET,
-                    "peak memory / param bytes",
-                ),
-                (
-                    "Building over 1 GiB: time / a plain module.init's (lower is better)",
-                    1.0,
-                    "build time / plain module.init",
-                ),
+                ("peak memory / the params' bytes", MEMORY_TARGET, "peak memory / param bytes"),
+                ("time / a plain module.init's", 1.0, "build time / plain module.init"),
             )
         ):
             bars = [(LABELS[case], data[case][index], library(case)) for case in data]
-            panels.append(
-                {
-                    "title": title,
-                    "bars": bars,
-                    "lines": [(goal, "red", "--", f"goal: at most {goal}x")],
-                    "xlabel": xlabel,
-                    "log": False,
-                }
-            )
+            title = f"Building over 1 GiB: {what} (lower is better)"
+            panels.append(Panel(title, xlabel, bars, [_goal_line(goal)]))
     if "backends" in sections:
         data = chart["backends"]
-        fit = {b: v for b, v in data.items() if not b.endswith(" eager")}
-        bars = []
-        for backend, (ours, native) in fit.items():
-            bars.append((f"{backend}: flaxlayer.FlaxLayer", ours, "flaxlayer"))
-            bars.append((f"{backend}: the CNN in Keras layers", native, "native"))
-        panels.append(
-            {
-                "title": "Other backends: CNN fit step time / the JAX backend's (lower is better)",
-                "bars": bars,
-                "lines": [
-                    (1.0, "gray", "-", "JAX backend"),
-                    (BACKEND_TARGET, "red", "--", f"goal: at most {BACKEND_TARGET}x"),
-                ],
-                "xlabel": "step time relative to JAX",
-                "log": False,
-            }
-        )
-        eager = [(b.split()[0], v[0]) for b, v in data.items() if b.endswith(" eager")]
-        panels.append(
-            {
-                "title": "Other backends: eager layer(x) / jax.jit(module.apply) (lower is better)",
-                "bars": [
-                    (f"{backend}: flaxlayer.FlaxLayer layer(x)", stat, "flaxlayer")
-                    for backend, stat in eager
-                ],
-                "lines": [(EAGER_TARGET, "red", "--", f"goal: at most {EAGER_TARGET}x")],
-                "xlabel": "latency relative to jax.jit(module.apply)",
-                "log": False,
-            }
-        )
+        bars = [
+            bar
+            for backend, (ours, native) in data.items()
+            if not backend.endswith(" eager")
+            for bar in (
+                (f"{backend}: flaxlayer.FlaxLayer", ours, "flaxlayer"),
+                (f"{backend}: the CNN in Keras layers", native, "native"),
+            )
+        ]
+        lines = [(1.0, "gray", "-", "JAX backend"), _goal_line(BACKEND_TARGET)]
+        title = "Other backends: CNN fit step time / the JAX backend's (lower is better)"
+        panels.append(Panel(title, "step time relative to JAX", bars, lines))
+        bars = [
+            (f"{b.split()[0]}: flaxlayer.FlaxLayer layer(x)", v[0], "flaxlayer")
+            for b, v in data.items()
+            if b.endswith(" eager")
+        ]
+        title = "Other backends: eager layer(x) / jax.jit(module.apply) (lower is better)"
+        xlabel = "latency relative to jax.jit(module.apply)"
+        panels.append(Panel(title, xlabel, bars, [_goal_line(EAGER_TARGET)]))
     return panels
 
 
@@ -845,7 +820,7 @@ def draw_chart(path: Path, analysis: dict, sections: set) -> bool:
         print("matplotlib is not installed: the chart is skipped (pip install matplotlib).")
         return False
     panels = chart_panels(analysis, sections)
-    heights = [1.2 + 0.28 * len(p["bars"]) for p in panels]
+    heights = [1.2 + 0.28 * len(p.bars) for p in panels]
     fig, axes = plt.subplots(
         len(panels),
         1,
@@ -854,9 +829,9 @@ def draw_chart(path: Path, analysis: dict, sections: set) -> bool:
         gridspec_kw={"height_ratios": heights},
     )
     for ax, panel in zip(axes[:, 0], panels, strict=True):
-        labels = [label for label, _, _ in panel["bars"]]
-        stats = [stat for _, stat, _ in panel["bars"]]
-        libraries = [lib for _, _, lib in panel["bars"]]
+        labels = [label for label, _, _ in panel.bars]
+        stats = [stat for _, stat, _ in panel.bars]
+        libraries = [lib for _, _, lib in panel.bars]
         ys = list(range(len(labels)))[::-1]
         med = [st.median for st in stats]
         err = [[st.median - st.low for st in stats], [st.high - st.median for st in stats]]
@@ -869,18 +844,18 @@ def draw_chart(path: Path, analysis: dict, sections: set) -> bool:
             height=0.7,
         )
         ax.set_yticks(ys, labels, fontsize=9)
-        if panel["log"]:
+        if panel.log:
             ax.set_xscale("log")
         handles = [
             Patch(color=LIBRARY_COLORS[lib][0], label=LIBRARY_COLORS[lib][1])
             for lib in LIBRARY_COLORS
             if lib in libraries
         ]
-        for value, color, style, label in panel["lines"]:
+        for value, color, style, label in panel.lines:
             handles.append(ax.axvline(value, color=color, ls=style, lw=1, label=label))
         ax.legend(handles=handles, fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
-        ax.set_title(panel["title"], fontsize=10)
-        ax.set_xlabel(panel["xlabel"], fontsize=9)
+        ax.set_title(panel.title, fontsize=10)
+        ax.set_xlabel(panel.xlabel, fontsize=9)
         ax.tick_params(axis="x", labelsize=8)
     fig.suptitle(
         "flaxlayer benchmarks: median, whiskers min-max over interleaved repeats", fontsize=11
