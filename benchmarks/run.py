@@ -571,15 +571,9 @@ TITLES = {
 
 
 def _machine(meta: dict) -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    from workloads import cpu_name  # imports flax: only when writing the results
+
+    cpu = cpu_name()
     mem = ""
     try:
         pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")

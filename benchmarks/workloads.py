@@ -7,7 +7,12 @@
   dispatch and bookkeeping, so it shows what a layer adds per step.
 - `BlockMLP` / `BlockMLPNNX`: 6 blocks of Dense(128) + BatchNorm + relu, then Dense 10 (Linen and
   NNX): the benchmark MLP for eager `layer(x)` and `predict_on_batch` latency.
+- `Encoder`: a transformer encoder (pre-norm attention and MLP blocks) for fine-tuning.
+
+`cpu_name()` names the machine they run on.
 """
+
+import platform
 
 import flax.linen as nn
 import jax
@@ -105,3 +110,42 @@ def sparse_categorical_crossentropy(probs, labels):
 
 def init_params(module: nn.Module, input_shape: tuple):
     return module.init(jax.random.key(SEED), jnp.zeros((1, *input_shape), jnp.float32))
+
+
+class EncoderBlock(nn.Module):
+    width: int
+    heads: int
+
+    @nn.compact
+    def __call__(self, x):
+        y = nn.MultiHeadDotProductAttention(self.heads, name="attention")(nn.LayerNorm()(x))
+        x = x + y
+        y = nn.Dense(4 * self.width, name="mlp_in")(nn.LayerNorm()(x))
+        return x + nn.Dense(self.width, name="mlp_out")(nn.gelu(y))
+
+
+class Encoder(nn.Module):
+    """Dense embedding, `depth` blocks, mean-pooled into an 8-wide head."""
+
+    width: int = 1024
+    heads: int = 16
+    depth: int = 2
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Dense(self.width, name="embed")(x)
+        for i in range(self.depth):
+            x = EncoderBlock(self.width, self.heads, name=f"block_{i}")(x)
+        return nn.Dense(8, name="head")(nn.LayerNorm()(x).mean(axis=1))
+
+
+def cpu_name() -> str:
+    """The CPU's model name (from /proc/cpuinfo where there is one)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

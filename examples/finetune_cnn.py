@@ -122,8 +122,7 @@ def run(args, out_dir) -> int:
     model = keras.Sequential([keras.Input((8, 8, 1)), layer])
 
     # 3. Head only: freeze the backbone's variables by their Flax path.
-    for variable in layer.weights:
-        variable.trainable = not any(f"/params/{name}/" in variable.path for name in BACKBONE)
+    layer.freeze(rf"params/({'|'.join(BACKBONE)})/.*")
     frozen = {v.path: to_numpy(v).copy() for v in layer.weights if not v.trainable}
     layer.describe()  # the backbone's rows now say trainable "no"
     compile_model(model, 3e-3)
@@ -142,8 +141,7 @@ def run(args, out_dir) -> int:
     )
 
     # 4. Everything, at a lower, decaying learning rate, keeping the best epoch.
-    for variable in layer.weights:
-        variable.trainable = True
+    layer.unfreeze(r"params/.*")
     steps = tune_epochs * (len(x_train) * 4 // 5) // 32
     schedule = keras.optimizers.schedules.CosineDecay(1e-3, decay_steps=steps)
     compile_model(model, schedule)

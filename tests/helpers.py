@@ -1,12 +1,18 @@
 """Helpers shared by several test files (fixtures live in conftest.py)."""
 
+import inspect
 import json
 import os
 import subprocess
 import sys
 import textwrap
 
+import jax
 import keras
+import numpy as np
+from flax import nnx
+
+from conftest import to_numpy
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -83,3 +89,34 @@ def run_python_reports(source: str, **kwargs) -> tuple[list, subprocess.Complete
         if line.startswith(RESULT_MARKER)
     ]
     return reports, done
+
+
+def weight_named(layer, suffix: str):
+    """The one variable of `layer` (a layer or a model) whose path ends with `suffix`."""
+    matches = [v for v in layer.weights if v.path.endswith(suffix)]
+    assert len(matches) == 1, (suffix, [v.path for v in layer.weights])
+    return matches[0]
+
+
+def changed_paths(before, variables) -> list[str]:
+    """The paths of `variables` whose values moved away from `before` (their earlier copies)."""
+    return [
+        v.path for b, v in zip(before, variables, strict=True) if not np.allclose(b, to_numpy(v))
+    ]
+
+
+def flax_inference(layer, inputs, method=None):
+    """The wrapped module's output at inference, computed by Flax itself on the layer's values.
+
+    Linen: `module.apply(layer.flax_variables, ...)`; NNX: `layer.module` (a new module holding
+    the layer's values) in eval mode. `training=False` is passed where the method takes it.
+    """
+    module = layer.module
+    fn = getattr(module, method or "__call__")
+    kwargs = {"training": False} if "training" in inspect.signature(fn).parameters else {}
+    if isinstance(module, nnx.Module):
+        module.eval()
+        out = fn(inputs, **kwargs)
+    else:
+        out, _ = module.apply(layer.flax_variables, inputs, method=method, mutable=True, **kwargs)
+    return jax.tree.map(np.asarray, out)

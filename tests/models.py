@@ -65,14 +65,15 @@ class BatchNormModule(nn.Module):
         return nn.BatchNorm(use_running_average=not training, momentum=0.5)(x)
 
 
-class DropoutModule(nn.Module):
-    """Dropout only: identity at inference, a random mask in training."""
+class DenseDropout(nn.Module):
+    """Dense -> Dropout; the only randomness is the dropout rng (twin of nnx_models.DropNet)."""
 
+    features: int = 16
     rate: float = 0.5
 
     @nn.compact
     def __call__(self, inputs, training):
-        return nn.Dropout(rate=self.rate, deterministic=not training)(inputs)
+        return nn.Dropout(self.rate, deterministic=not training)(nn.Dense(self.features)(inputs))
 
 
 class SowModule(nn.Module):
@@ -141,12 +142,15 @@ class EncoderModule(nn.Module):
 
 
 class TrainingRecorder(nn.Module):
-    """Counts training and inference calls in a "counters" collection; output = Dense(x)."""
+    """Counts training and inference calls in a "counters" collection; output = Dense(x).
+
+    The twin of nnx_models.TrainingNet: the same counter names.
+    """
 
     @nn.compact
     def __call__(self, inputs, training):
-        train_calls = self.variable("counters", "train", lambda: jnp.zeros((), jnp.int32))
-        infer_calls = self.variable("counters", "infer", lambda: jnp.zeros((), jnp.int32))
+        train_calls = self.variable("counters", "train_calls", lambda: jnp.zeros((), jnp.int32))
+        infer_calls = self.variable("counters", "infer_calls", lambda: jnp.zeros((), jnp.int32))
         if not self.is_initializing():
             if training:
                 train_calls.value += 1
@@ -164,7 +168,10 @@ class TrainingFlagModule(nn.Module):
 
 
 class DictModule(nn.Module):
-    """Takes {"a": (B, 3), "b": (B, 2)}; returns a tuple (Dense(a) + Dense(b), {"mean": ...})."""
+    """Takes {"a": (B, 3), "b": (B, 2)}; returns a tuple (Dense(a) + Dense(b), {"mean": ...}).
+
+    The twin of nnx_models.DictNet.
+    """
 
     @nn.compact
     def __call__(self, inputs):

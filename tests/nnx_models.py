@@ -82,7 +82,8 @@ class NoiseNet(nnx.Module):
 
 
 class TrainingNet(nnx.Module):
-    """Takes `training`: BN/Dropout follow it, and a counter records training calls."""
+    """Takes `training`: BN/Dropout follow it, and counters record training and inference calls
+    (the twin of models.TrainingRecorder: the same counter names)."""
 
     def __init__(self, din, dout, *, rngs):
         self.linear = nnx.Linear(din, 8, rngs=rngs)
@@ -90,10 +91,13 @@ class TrainingNet(nnx.Module):
         self.drop = nnx.Dropout(0.5, rngs=rngs)
         self.out = nnx.Linear(8, dout, rngs=rngs)
         self.train_calls = Count(jnp.zeros((), jnp.int32))
+        self.infer_calls = Count(jnp.zeros((), jnp.int32))
 
     def __call__(self, inputs, training):
         if training:
             self.train_calls.value += 1
+        else:
+            self.infer_calls.value += 1
         x = self.bn(self.linear(inputs), use_running_average=not training)
         x = self.drop(x, deterministic=not training)
         return self.out(x) + (1.0 if training else 0.0)
@@ -125,17 +129,19 @@ class ListNet(nnx.Module):
         return self.layers[1](nnx.relu(self.layers[0](inputs)))
 
 
-class PytreeNet(nnx.Module):
-    """A dict in, a tuple out."""
+class DictNet(nnx.Module):
+    """Takes {"a": (B, 3), "b": (B, 2)}; returns a tuple (Linear(a) + Linear(b), {"mean": ...}).
+
+    The twin of models.DictModule.
+    """
 
     def __init__(self, *, rngs):
         self.a = nnx.Linear(3, 4, rngs=rngs)
-        self.b = nnx.Linear(2, 4, rngs=rngs)
-        self.head = nnx.Linear(4, 2, rngs=rngs)
+        self.b_proj = nnx.Linear(2, 4, rngs=rngs)
 
     def __call__(self, inputs):
-        h = nnx.relu(self.a(inputs["a"]) + self.b(inputs["b"]))
-        return self.head(h), jnp.sum(h, axis=-1)
+        h = self.a(inputs["a"]) + self.b_proj(inputs["b"])
+        return h, {"mean": jnp.mean(h, axis=-1, keepdims=True)}
 
 
 class Configured(nnx.Module):

@@ -11,18 +11,22 @@ import pytest
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
-@pytest.fixture(scope="module")
-def run():
+def load_script(name: str):
     if keras.backend.backend() != "jax":
         pytest.skip("the report is pure Python: checked once, in the jax session")
     sys.path.insert(0, str(BENCHMARKS))
     try:
-        spec = importlib.util.spec_from_file_location("bench_run", BENCHMARKS / "run.py")
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
     finally:
         sys.path.remove(str(BENCHMARKS))
     return module
+
+
+@pytest.fixture(scope="module")
+def run():
+    return load_script("run")
 
 
 def synthetic(run, seconds):
@@ -88,3 +92,16 @@ def test_a_miss_within_noise_passes_and_says_so(run):
     targets = run.evaluate_goals(run.goals(config, {"fit"}), items, builds)
     ours_vs_keras = [t for t in targets if t.name.endswith("ours / keras")]
     assert ours_vs_keras and all(t.verdict == "PASS (within noise)" for t in ours_vs_keras)
+
+
+def test_finetune_report_gives_each_figure_and_the_goal_verdict():
+    finetune = load_script("finetune")
+    figures = {"params": 1000, "trainable": 1000, "optimizer_bytes": 8000, "step": 0.010}
+    lora = {"params": 1040, "trainable": 40, "optimizer_bytes": 320, "step": 0.008}
+    text = finetune.markdown({"full": figures, "lora": lora}, width=256, repeats=3)
+    assert "| trainable parameters | 1,000 | 40 | 0.040 |" in text
+    assert "| step time (ms, median) | 10 | 8 | 0.800 |" in text
+    assert "at most 5% of full fine-tuning's: met (4.00%)" in text
+    lora["optimizer_bytes"] = 480
+    text = finetune.markdown({"full": figures, "lora": lora}, width=256, repeats=3)
+    assert "MISSED (6.00%)" in text

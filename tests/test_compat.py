@@ -22,6 +22,8 @@ PRIVATE_NAMES = [
     ("keras.src.backend.common.stateless_scope", "in_stateless_scope"),
     ("keras.src.saving.saving_lib", "_walk_saveable"),
     ("keras.src.saving.serialization_lib", "in_safe_mode"),
+    ("flax.nnx.pytreelib", "PytreeState"),
+    ("flax.nnx.graphlib", "HashableMapping"),
     ("jax._src.xla_bridge", "get_backend"),
     ("jax._src.export._export", "_module_to_bytecode"),
     ("jax._src.interpreters.mlir", "module_to_bytecode"),
@@ -32,7 +34,11 @@ PRIVATE_NAMES = [
     ("jax._src.lib.mlir.dialects", "hlo.get_version_from_compatibility_requirement"),
     ("jax._src.lib.mlir.dialects", "hlo.register_stablehlo_passes"),
 ]
-PRIVATE_IMPORT = re.compile(r"^\s*(?:from|import)\s+(keras\.src|jax\._src)\b", re.M)
+PRIVATE_IMPORT = re.compile(
+    r"^\s*(?:from|import)\s+(?:keras\.src|jax\._src|flax\.nnx\.(?:graphlib|pytreelib))\b"
+    r"|^\s*from\s+flax\.nnx\s+import\s+.*\b(?:graphlib|pytreelib)\b",
+    re.M,
+)
 BACKEND_BRANCH = re.compile(r"keras\.backend\.backend\(\)")
 
 
@@ -64,6 +70,14 @@ def test_nnx_variables_keep_their_value_in_raw_value():
     assert variable.get_value() == 2.0
 
 
+def test_layers_keep_their_variable_tracker():
+    layer = keras.layers.Dense(2)
+    layer.build((None, 3))
+    for name in ("lock", "unlock", "locked"):
+        assert hasattr(layer._tracker, name), "update _compat.unlocked_tracker"
+    assert callable(layer._untrack_variable), "update _compat.untrack_variable"
+
+
 def test_compat_imports_every_private_name_it_lists():
     import flaxlayer._compat as compat
 
@@ -89,3 +103,19 @@ def test_no_backend_branch_outside_bridges():
         if BACKEND_BRANCH.search(path.read_text(encoding="utf-8"))
     ]
     assert not offenders, f"keras.backend.backend() outside _bridges/: {offenders}"
+
+
+MODULE_KIND_IMPORT = re.compile(
+    r"^\s*(?:import\s+flax\.(?:linen|nnx)|from\s+flax\s+import\s+nnx)\b", re.M
+)
+
+
+def test_module_kind_branches_live_in_the_adapters():
+    only_in_jax_session()
+    allowed = {"_linen.py", "_nnx.py", "_types.py", "_compat.py"}  # _types: annotations only
+    offenders = [
+        str(path.relative_to(SRC))
+        for path in sources(lambda rel: rel.name in allowed)
+        if MODULE_KIND_IMPORT.search(path.read_text(encoding="utf-8"))
+    ]
+    assert not offenders, f"flax.linen / flax.nnx imported outside the adapters: {offenders}"

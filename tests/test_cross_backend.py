@@ -21,24 +21,37 @@ import numpy as np, keras
 sys.path.insert(0, {tests!r})
 import backend_models
 import flaxlayer  # registers FlaxLayer with Keras, as a user script would
-for path, data in {files!r}:
+for path, data, finetuned in {files!r}:
     data = np.load(data)
     model = keras.saving.load_model(path, compile={compile})
     if not {compile}:
         model.compile(keras.optimizers.SGD(0.05), "mse")
     pred = keras.ops.convert_to_numpy(model.predict(data["x"], verbose=0))
     np.testing.assert_allclose(pred, data["pred"], atol=1e-5)
-    before = [np.array(w) for w in model.get_weights()]
+    weights = model.trainable_weights if finetuned else model.weights
+    before = [keras.ops.convert_to_numpy(w).copy() for w in model.weights]
     model.fit(data["x"], data["y"], epochs=1, batch_size=4, verbose=0)
-    changed = [not np.allclose(a, b) for a, b in zip(before, model.get_weights())]
+    after = [keras.ops.convert_to_numpy(w) for w in model.weights]
+    moved = {{id(w) for w, a, b in zip(model.weights, before, after) if not np.allclose(a, b)}}
+    changed = [id(w) in moved for w in weights]
     # A bias feeding BatchNorm gets a zero gradient; every other weight and statistic moves.
     assert sum(changed) >= len(changed) - 1, changed
+    # Fine-tuned: the frozen and the int8 kernels stay as they were.
+    fixed = [w for w in model.weights if finetuned and not w.trainable and "/params/" in w.path]
+    assert not [w.path for w in fixed if id(w) in moved], fixed
     print("LOADED OK", keras.backend.backend(), path)
 """
-KINDS = ("linen", "nnx")
+KINDS = ("linen", "nnx", "finetuned")
 
 
 def _model(kind):
+    if kind == "finetuned":  # LoRA on the Dense kernel, an int8 conv, a frozen conv bias
+        model, x, y = _model("linen")
+        layer = model.layers[0]
+        layer.quantize("int8", paths=r"params/Conv_0/kernel")
+        layer.enable_lora(2, paths=r"params/Dense_0/kernel")
+        layer.freeze(r"params/Conv_0/bias")
+        return model, x, y
     if kind == "linen":
         model = keras.Sequential([keras.Input((6, 6, 1)), FlaxLayer(ConvBN())])
         x = np.random.default_rng(0).random((8, 6, 6, 1), dtype="float32")
@@ -63,7 +76,7 @@ def saved_files(tmp_path_factory):
         data = str(tmp_path / f"{kind}.npz")
         pred = keras.ops.convert_to_numpy(model.predict(x, verbose=0))
         np.savez(data, x=x, y=y, pred=pred)
-        files.append((path, data))
+        files.append((path, data, kind == "finetuned"))
     return files
 
 
@@ -82,7 +95,7 @@ def test_keras_file_loads_under_every_other_backend(backend, saved_files):
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=400
     )
     assert result.returncode == 0, f"{backend}: {result.stderr[-3000:]}"
-    for path, _ in saved_files:
+    for path, _, _ in saved_files:
         assert f"LOADED OK {backend} {path}" in result.stdout
 
 

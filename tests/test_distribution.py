@@ -434,3 +434,34 @@ def test_data_parallel_ignores_annotations():
     for variable in model.weights + model_nnx.weights:
         assert variable.value.sharding.is_fully_replicated, variable.path
         assert len(variable.value.sharding.device_set) == N_DEVICES, variable.path
+
+
+# --------------------------------------------------------------- fine-tuning transforms
+
+
+def test_lora_and_int8_variables_follow_their_kernels_layout():
+    """Adapters take the LayoutMap entry of their base kernel, with the low-rank axis
+    replicated; an int8 kernel keeps its layout and its scale follows the output axis."""
+    x, y = data()
+    entries = {".*Dense_0/kernel": (None, "model"), ".*Dense_1/kernel": ("model", None)}
+    model, layer = build(linen_bn, model_parallel(entries))
+    layer.quantize("int8")  # both kernels
+    layer.enable_lora(2, paths=r"params/Dense_0/kernel")  # QLoRA
+    expected = {
+        "f/params/Dense_0/kernel": (None, "model"),
+        "int8/params/Dense_0/kernel/scale": ("model",),
+        "lora/params/Dense_0/kernel/a": (None, None),
+        "lora/params/Dense_0/kernel/b": (None, "model"),
+        "f/params/Dense_1/kernel": ("model", None),
+        "int8/params/Dense_1/kernel/scale": (None,),
+    }
+    specs = {path: padded(spec_of(model, path), len(axes)) for path, axes in expected.items()}
+    assert specs == expected
+    before = weights_of(model)
+    train(model, x, y, epochs=1)
+    after = weights_of(model)
+    for path in ("m/f/params/Dense_0/kernel", "m/f/params/Dense_1/kernel"):
+        assert np.array_equal(before[path], after[path]), path
+    assert not np.array_equal(
+        before["m/f/lora/params/Dense_0/kernel/b"], after["m/f/lora/params/Dense_0/kernel/b"]
+    )

@@ -360,17 +360,26 @@ def test_performance_page_embeds_every_section_of_the_benchmark_results():
 
 
 def api_doctests() -> list[doctest.DocTest]:
-    """Doctests of the public classes and their own public methods and properties."""
+    """Doctests of the public classes and their public methods and properties, their own or
+    from flaxlayer's private bases (each function once)."""
     finder = doctest.DocTestFinder(recurse=False)
-    tests = []
+    tests, seen = [], set()
     for name in flaxlayer.__all__:
         cls = getattr(flaxlayer, name)
         if not isinstance(cls, type):
             continue
         objects = {name: cls}
-        for member, value in vars(cls).items():
-            if not member.startswith("_"):
-                objects[f"{name}.{member}"] = getattr(value, "fget", None) or value
+        private_bases = [
+            k
+            for k in cls.__mro__[1:]
+            if k.__module__.startswith("flaxlayer.") and k.__name__ not in flaxlayer.__all__
+        ]
+        for klass in (cls, *private_bases):
+            for member, value in vars(klass).items():
+                value = getattr(value, "fget", None) or value
+                if not member.startswith("_") and id(value) not in seen:
+                    seen.add(id(value))
+                    objects[f"{name}.{member}"] = value
         for qualname, obj in objects.items():
             tests += finder.find(obj, f"flaxlayer.{qualname}", globs={name: cls})
     return [t for t in tests if t.examples]

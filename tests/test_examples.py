@@ -28,6 +28,7 @@ SCRIPTS = {
     "demo.py": ("jax",),
     "finetune_cnn.py": ("jax",),
     "haiku_model.py": ("jax",),
+    "lora_finetune.py": ("torch",),  # the shortest session; its subject is tested on all
     "mixed_functional.py": ALL,
     "nnx_transformer_torch.py": ("torch",),
     "sown_aux_loss.py": ("jax",),

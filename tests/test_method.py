@@ -13,21 +13,13 @@ from flax import nnx
 from conftest import to_numpy
 from conftest import to_numpy as _np
 from flaxlayer import FlaxLayer
+from helpers import flax_inference
 from models import EncoderModule
 from nnx_models import MLP
 
 KINDS = {"linen": EncoderModule, "nnx": lambda: MLP(3, 2, rngs=nnx.Rngs(0))}
 
 X = np.arange(6, dtype="float32").reshape(2, 3) / 6.0
-
-
-def encode_in_pure_flax(layer, x):
-    """`encode` of the wrapped module, run by Flax itself on the layer's current values."""
-    module = layer.module
-    if isinstance(module, nnx.Module):
-        module.eval()
-        return np.asarray(module.encode(x))
-    return np.asarray(module.apply(layer.flax_variables, x, method="encode"))
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -37,7 +29,7 @@ def test_method_name_or_bound_method(kind, how):
     layer = FlaxLayer(module, method="encode" if how == "name" else module.encode)
     out = _np(layer(X))
     assert out.shape == ((2, 4) if kind == "linen" else (2, 8))  # encode's, not __call__'s
-    np.testing.assert_allclose(out, encode_in_pure_flax(layer, X), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out, flax_inference(layer, X, method="encode"), rtol=1e-5, atol=1e-6)
     if kind == "linen":  # only the submodule encode uses was initialized
         assert set(layer.params["params"]) == {"enc"}
 
@@ -50,7 +42,7 @@ def test_method_function_inputs_argument_may_have_any_name(kind):
         return m.encode(x)
 
     layer = FlaxLayer(KINDS[kind](), method=fn)
-    np.testing.assert_allclose(_np(layer(X)), encode_in_pure_flax(layer, X), atol=1e-6)
+    np.testing.assert_allclose(_np(layer(X)), flax_inference(layer, X, method="encode"), atol=1e-6)
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -1,19 +1,32 @@
-"""Point 7: rng streams at init, per training call, at inference; reproducibility."""
+"""Point 7: rng streams at init, per training call, at inference; reproducibility.
+
+Behaviours that hold for Linen and NNX alike are one test parametrized by module kind: a Linen
+`DenseDropout` and an NNX `DropNet` (Dense/Linear 3 -> 16, then dropout 0.5), or a Linen and an
+NNX `MLP` for `fit`. The NNX-only ones (rngs held by the module, modes) are in
+test_nnx_rng_training.py.
+"""
+
+import itertools
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import keras
 import numpy as np
+import pytest
+from flax import nnx
 
-from conftest import make_data
+import nnx_models
+from conftest import make_data, normal_data
+from conftest import to_numpy as _np
 from flaxlayer import FlaxLayer
-from models import MLP, AugmentModule, DropoutModule, NoiseModule
+from helpers import flax_inference, weight_named
+from models import MLP, AugmentModule, DenseDropout, NoiseModule
+
+KINDS = {"linen": DenseDropout, "nnx": lambda: nnx_models.DropNet(3, 16, rngs=nnx.Rngs(0))}
+MLPS = {"linen": MLP, "nnx": lambda: nnx_models.MLP(3, 2, rngs=nnx.Rngs(0))}
 
 X = np.ones((4, 16), "float32")
-
-
-def _np(x):
-    return keras.ops.convert_to_numpy(x)
 
 
 def test_init_gets_custom_stream_key():
@@ -82,78 +95,106 @@ def test_training_only_custom_stream_in_fit():
     np.testing.assert_allclose(p1, p2)
 
 
-def test_new_dropout_mask_each_training_call():
-    layer = FlaxLayer(DropoutModule())
-    np.testing.assert_allclose(_np(layer(X)), X)  # identity at inference
-    m1, m2 = _np(layer(X, training=True)), _np(layer(X, training=True))
-    assert set(np.unique(m1)) <= {0.0, 2.0}
-    assert not np.array_equal(m1, m2)
+# NNX dropout draws keys of the type its Rngs holds: rbg keys too.
+KEY_KINDS = {
+    **KINDS,
+    "nnx-rbg-keys": lambda: nnx_models.DropNet(
+        3, 16, rngs=nnx.Rngs(0, dropout=jax.random.key(1, impl="rbg"))
+    ),
+}
 
 
-def test_new_dropout_mask_each_fit_step():
-    seen = []
+@pytest.mark.parametrize("kind", KEY_KINDS)
+def test_new_dropout_mask_each_training_call(kind):
+    layer = FlaxLayer(KEY_KINDS[kind]())
+    x = normal_data(8)
+    # Inference is deterministic, Flax's own output, and drops nothing.
+    inference = _np(layer(x))
+    np.testing.assert_array_equal(_np(layer(x)), inference)
+    np.testing.assert_allclose(inference, flax_inference(layer, x), rtol=1e-5, atol=1e-6)
+    assert np.all(inference != 0.0)
+    outs = [_np(layer(x, training=True)) for _ in range(3)]
+    for a, b in itertools.combinations(outs, 2):
+        assert not np.allclose(a, b)  # a new mask at every call
+    for out in outs:
+        # Each unit is dropped (0) or kept and scaled by 1 / (1 - rate) = 2; about half dropped.
+        kept = out != 0.0
+        np.testing.assert_allclose(out[kept], 2.0 * inference[kept], rtol=1e-5, atol=1e-6)
+        assert 0.2 < np.mean(~kept) < 0.8
 
-    class Record(keras.callbacks.Callback):
-        def on_train_batch_end(self, batch, logs=None):
-            seen.append(float(logs["loss"]))
 
-    # Constant data and a zero learning rate: only the dropout mask changes between steps.
-    x = np.ones((8, 16), "float32")
-    model = keras.Sequential([keras.Input((16,)), FlaxLayer(MLP(hidden=32, out=1))])
-    model.compile(optimizer=keras.optimizers.SGD(0.0), loss="mse")
-    model.fit(
-        x, np.zeros((8, 1), "float32"), epochs=3, batch_size=8, verbose=0, callbacks=[Record()]
+@pytest.mark.parametrize("kind", KINDS)
+def test_new_dropout_mask_each_fit_step(kind):
+    """Same batch, zero learning rate: the per-step losses differ only through dropout."""
+    losses = []
+    callback = keras.callbacks.LambdaCallback(
+        on_train_batch_end=lambda batch, logs: losses.append(float(logs["loss"]))
     )
-    assert len(seen) == 3
-    assert len(set(seen)) > 1
+    model = keras.Sequential([keras.Input((3,)), FlaxLayer(KINDS[kind]())])
+    model.compile(optimizer=keras.optimizers.SGD(0.0), loss="mse")
+    x, y = make_data(n=8, out_dim=16)
+    model.fit(x, y, epochs=3, batch_size=8, shuffle=False, verbose=0, callbacks=[callback])
+    assert len(losses) == 3
+    assert len(set(losses)) == 3
 
 
-class DenseDropout(nn.Module):
-    @nn.compact
-    def __call__(self, inputs, training):
-        return nn.Dropout(0.5, deterministic=not training)(nn.Dense(8)(inputs))
-
-
-def _training_run(seed=None):
+def _training_run(make, seed=None):
+    """A new layer (the session cleared first): its kernel and two training outputs."""
     keras.backend.clear_session(free_memory=False)
-    layer = FlaxLayer(DenseDropout(), seed=seed)
-    x = make_data(n=8)[0]
+    layer = FlaxLayer(make(), seed=seed)
+    x = normal_data(8)
     first = _np(layer(x, training=True))
     second = _np(layer(x, training=True))
-    kernel = _np(layer.params["params"]["Dense_0"]["kernel"])
-    return kernel, first, second
+    return _np(weight_named(layer, "kernel")), first, second
 
 
-def test_set_random_seed_reproducible():
-    keras.utils.set_random_seed(123)
-    a = _training_run()
-    keras.utils.set_random_seed(123)
-    b = _training_run()
+def _assert_reproduced(a, b, other, kind):
+    """`b` repeats run `a` (same seed); `other` (another seed) does not."""
     for u, v in zip(a, b, strict=True):
         np.testing.assert_array_equal(u, v)
-    assert not np.allclose(a[1], a[2])  # new keys each call
+    assert not np.allclose(a[1], a[2])  # new keys at each call
+    assert not np.allclose(a[1], other[1])
+    if kind == "linen":  # a Linen layer initializes its module from the seed; NNX ones come built
+        assert not np.allclose(a[0], other[0])
 
 
-def test_seed_argument_reproducible():
-    a = _training_run(seed=7)
-    b = _training_run(seed=7)
-    for u, v in zip(a, b, strict=True):
-        np.testing.assert_array_equal(u, v)
-    c = _training_run(seed=8)
-    assert not np.allclose(a[0], c[0])
-    assert not np.allclose(a[1], c[1])
+# An NNX module that holds an nnx.Rngs and draws from it itself: the seed reaches it too.
+SEED_KINDS = {
+    **KINDS,
+    "nnx-rngs-in-module": lambda: nnx_models.NoiseNet(3, rngs=nnx.Rngs(0, noise=1)),
+}
 
 
-def test_seed_reproducible_fit():
+@pytest.mark.parametrize("kind", SEED_KINDS)
+def test_set_random_seed_reproducible(kind):
+    runs = []
+    for seed in (123, 123, 124):
+        keras.utils.set_random_seed(seed)
+        runs.append(_training_run(SEED_KINDS[kind]))
+    _assert_reproduced(*runs, kind)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_seed_argument_reproducible(kind):
+    a, b, other = (_training_run(KINDS[kind], seed=seed) for seed in (7, 7, 8))
+    _assert_reproduced(a, b, other, kind)
+
+
+@pytest.mark.parametrize("kind", MLPS)
+def test_seed_reproducible_fit(kind):
     x, y = make_data(n=16)
 
-    def run():
-        keras.utils.set_random_seed(5)
-        model = keras.Sequential([keras.Input((3,)), FlaxLayer(MLP())])
+    def run(seed):
+        keras.utils.set_random_seed(seed)
+        model = keras.Sequential([keras.Input((3,)), FlaxLayer(MLPS[kind]())])
         model.compile(optimizer="adam", loss="mse")
         history = model.fit(x, y, epochs=1, batch_size=8, verbose=0, shuffle=False)
-        return history.history["loss"], model.predict(x, verbose=0)
+        return model, history.history["loss"], [_np(v) for v in model.weights]
 
-    (loss_a, pred_a), (loss_b, pred_b) = run(), run()
+    (model_a, loss_a, weights_a), (model_b, loss_b, weights_b) = run(5), run(5)
     assert loss_a == loss_b
-    np.testing.assert_array_equal(pred_a, pred_b)
+    for u, v in zip(weights_a, weights_b, strict=True):
+        np.testing.assert_array_equal(u, v)
+    np.testing.assert_array_equal(model_a.predict(x, verbose=0), model_b.predict(x, verbose=0))
+    weights_other = run(6)[2]
+    assert any(not np.array_equal(u, w) for u, w in zip(weights_a, weights_other, strict=True))

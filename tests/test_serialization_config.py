@@ -10,6 +10,7 @@ the fix.
 import functools
 import json
 import math
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -19,7 +20,9 @@ import numpy as np
 import pytest
 
 import serialization_models as sm
-from flaxlayer import FlaxLayer
+from flaxlayer import FlaxLayer, SerializationError
+from flaxlayer._linen import LinenCodec
+from flaxlayer._serialization import TAG, Decoder, Encoder, KindCodec, schema
 from serialization_models import clean_keras_session  # noqa: F401 - overrides conftest's
 
 INITS = {
@@ -334,3 +337,56 @@ def test_flax_sequential_of_modules_and_functions_round_trips(tmp_path):
     assert inner.layers[1] is nn.relu
     assert inner.layers[2].use_bias is False
     np.testing.assert_array_equal(loaded.predict(x, verbose=0), expected)
+
+
+# -------------------------------------------------- serialization asks the module kinds' codecs
+
+
+class Affine:
+    """Not a Flax module: a kind that only a codec given to the Encoder/Decoder can write."""
+
+    def __init__(self, scale: float, shift: float):
+        self.scale, self.shift = scale, shift
+
+
+class AffineCodec(KindCodec):
+    entries = schema(("affine", {"scale", "shift"}, ()))
+    class_bases = ()
+    module_base = Affine
+
+    @classmethod
+    def encodes(cls, value):
+        return isinstance(value, Affine)
+
+    def encode(self, value, where):
+        return {TAG: "affine", "scale": value.scale, "shift": value.shift}
+
+    def check(self, data, path, depth, declared):
+        if not all(isinstance(data[k], float) for k in ("scale", "shift")):
+            raise self.coder.fail(path, "scale and shift are floats.")
+
+    def decode(self, data, path):
+        return Affine(data["scale"], data["shift"])
+
+
+class HoldsAffine(nn.Module):
+    transform: Any = None
+
+    def __call__(self, inputs):
+        return inputs * self.transform.scale + self.transform.shift
+
+
+def test_a_module_kind_codec_extends_what_is_saved_without_touching_serialization():
+    module = HoldsAffine(Affine(2.0, 1.0))
+    with pytest.raises(SerializationError, match="objects of type Affine are not saved"):
+        Encoder("test", (LinenCodec,)).module(module)
+    entry = json.loads(json.dumps(Encoder("test", (LinenCodec, AffineCodec)).module(module)))
+    assert entry["fields"]["transform"] == {TAG: "affine", "scale": 2.0, "shift": 1.0}
+    back = Decoder("test", (LinenCodec, AffineCodec), safe=True).decode_module(entry)
+    assert isinstance(back, HoldsAffine)
+    assert (back.transform.scale, back.transform.shift) == (2.0, 1.0)
+    entry["fields"]["transform"]["scale"] = "2"
+    with pytest.raises(SerializationError, match="scale and shift are floats"):
+        Decoder("test", (LinenCodec, AffineCodec), safe=True).decode_module(entry)
+    with pytest.raises(SerializationError, match="'affine' is not a kind of entry"):
+        Decoder("test", (LinenCodec,), safe=True).decode_module(entry)

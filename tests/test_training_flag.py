@@ -1,24 +1,32 @@
-"""Point 3: `training` is True in fit and False in predict, evaluate and plain calls."""
+"""Point 3: `training` is True in fit and False in predict, evaluate and plain calls.
+
+The entry-point test runs for a Linen and an NNX module (parametrized by module kind): both
+count their training and inference calls in `train_calls` and `infer_calls` variables.
+"""
 
 import keras
 import numpy as np
+import pytest
+from flax import nnx
 
 from conftest import make_data
+from conftest import to_numpy as _np
 from flaxlayer import FlaxLayer
+from helpers import flax_inference, weight_named
 from models import TrainingFlagModule, TrainingRecorder
+from nnx_models import TrainingNet
+
+KINDS = {"linen": TrainingRecorder, "nnx": lambda: TrainingNet(3, 2, rngs=nnx.Rngs(0))}
 
 
 def _counters(layer):
-    counters = layer.state["counters"]
-    return (
-        int(keras.ops.convert_to_numpy(counters["train"])),
-        int(keras.ops.convert_to_numpy(counters["infer"])),
-    )
+    return tuple(int(_np(weight_named(layer, name))) for name in ("train_calls", "infer_calls"))
 
 
-def test_training_flag_per_keras_entry_point():
+@pytest.mark.parametrize("kind", KINDS)
+def test_training_flag_per_keras_entry_point(kind):
     x, y = make_data(n=16)
-    layer = FlaxLayer(TrainingRecorder())
+    layer = FlaxLayer(KINDS[kind]())
     model = keras.Sequential([keras.Input((3,)), layer])
     model.compile(optimizer="sgd", loss="mse")
     assert _counters(layer) == (0, 0)
@@ -39,6 +47,9 @@ def test_training_flag_per_keras_entry_point():
 
     layer(x, training=True)
     assert _counters(layer) == (3, 5)
+
+    # A plain call gives what the module gives in Flax itself with training=False.
+    np.testing.assert_allclose(_np(layer(x)), flax_inference(layer, x), rtol=1e-5, atol=1e-5)
 
 
 def test_training_flag_in_outputs_and_losses():

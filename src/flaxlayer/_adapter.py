@@ -7,12 +7,13 @@ An adapter turns a model (user functions, a Linen module, an NNX module) into pu
 import abc
 import dataclasses
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import numpy as np
 
 from flaxlayer._methods import Method
+from flaxlayer._serialization import KindCodec
 from flaxlayer._variables import flatten_with_paths, format_path
 
 SPEC_KEY = jax.ShapeDtypeStruct((2,), np.uint32)
@@ -93,6 +94,10 @@ class Adapter(abc.ABC):
 class ModuleAdapter(Adapter):
     """An adapter for a Flax module (Linen or NNX): what `FlaxLayer` needs on top."""
 
+    #: The modules this adapter takes: instances of this class.
+    module_base: ClassVar[type]
+    #: How a module of this kind is written to a `.keras` config and read back.
+    codec: ClassVar[type[KindCodec]]
     #: Flax's own base classes, whose methods are never the method a layer calls.
     framework: tuple[type, ...] = ()
     #: The method the layer calls (resolved and bound once, at construction).

@@ -4,11 +4,14 @@ Imported without fallbacks: if an upgrade of Keras or JAX moves one, importing f
 at once (and tests/test_compat.py says which), rather than a feature silently changing.
 """
 
+import contextlib
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import jax
+from flax.nnx import graphlib as nnx_graphlib
+from flax.nnx import pytreelib as nnx_pytreelib
 from jax._src import xla_bridge as jax_xla_bridge
 from jax._src.export import _export as jax_export_internals
 from jax._src.interpreters import mlir as jax_mlir
@@ -27,14 +30,18 @@ __all__ = [
     "current_path",
     "export_serializer",
     "forget_uninitialized",
+    "hashable_mapping",
     "in_stateless_scope",
     "initialize_deferred",
     "is_deferred",
     "jax_stablehlo_target",
     "keras_safe_mode",
     "key_impl_name",
+    "pytree_state",
     "replace_variable_value",
     "serialize_portable",
+    "unlocked_tracker",
+    "untrack_variable",
 ]
 
 
@@ -49,6 +56,23 @@ def forget_uninitialized(variables: Iterable[Any]) -> None:
     global_state.set_global_attribute(
         "uninitialized_variables", [v for v in pending if id(v) not in ids]
     )
+
+
+@contextlib.contextmanager
+def unlocked_tracker(layer: Any) -> Iterator[None]:
+    """Lets a built layer track or untrack variables (Keras locks its tracker after build)."""
+    locked = layer._tracker.locked
+    layer._tracker.unlock()
+    try:
+        yield
+    finally:
+        if locked:
+            layer._tracker.lock()
+
+
+def untrack_variable(layer: Any, variable: Any) -> None:
+    """Removes a variable from a layer's weights (as Keras does for its own quantized kernels)."""
+    layer._untrack_variable(variable)
 
 
 def is_deferred(variable: Any) -> bool:
@@ -69,6 +93,16 @@ def replace_variable_value(variable: Any, value: Any) -> None:
     builds a subclassed model inside its symbolic trace); the value put here is not traced.
     """
     object.__setattr__(variable, "_raw_value", value)
+
+
+def pytree_state() -> Any:
+    """The bookkeeping object every NNX node holds (NNX sets it in `__init__` and `merge`)."""
+    return nnx_pytreelib.PytreeState()
+
+
+def hashable_mapping(mapping: dict) -> Any:
+    """A node's `_pytree__nodes` (which attributes are data), as `nnx.merge` writes it."""
+    return nnx_graphlib.HashableMapping(mapping)
 
 
 def key_impl_name(key: Any) -> str:

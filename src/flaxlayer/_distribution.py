@@ -68,3 +68,21 @@ def _layout_from_spec(spec: Any, shape, mesh, path: str, owner: str) -> TensorLa
 
 def backend_sharding(layout: TensorLayout) -> Any:
     return layout.backend_layout
+
+
+def derived_layout(
+    base: TensorLayout | None, kind: str, name: str, shape: Sequence[int]
+) -> TensorLayout | None:
+    """The layout of a transform's variable, from its kernel's: LoRA's `a` keeps the input
+    axis's sharding (of a 2-D kernel) and `b` the output axis's, with the low-rank axis
+    replicated; int8's scale follows the output axis."""
+    if base is None:
+        return None
+    axes = tuple(base.axes)
+    if kind == "lora":
+        axes = (axes[0] if len(axes) == 2 else None, None) if name == "a" else (None, axes[-1])
+    elif name == "scale":
+        axes = (axes[-1],)
+    if len(axes) != len(shape):
+        axes = (None,) * len(shape)
+    return TensorLayout(axes, base.device_mesh)

@@ -2,9 +2,7 @@
 
 from typing import Any
 
-import flax.linen as nn
 import keras
-from flax import nnx
 
 from flaxlayer import _compat
 from flaxlayer._adapter import ModuleAdapter
@@ -14,6 +12,11 @@ from flaxlayer._methods import Method, method_by_name
 from flaxlayer._nnx import NNXAdapter
 from flaxlayer._serialization import Decoder, Encoder, SerializationError
 from flaxlayer._types import FlaxVariables, MethodSpec, Module
+
+#: The module kinds FlaxLayer wraps: each adapter says which modules it takes and how they
+#: are saved (a new kind is one more adapter here).
+MODULE_ADAPTERS: tuple[type[ModuleAdapter], ...] = (LinenAdapter, NNXAdapter)
+CODECS = tuple(adapter.codec for adapter in MODULE_ADAPTERS)
 
 
 @keras.saving.register_keras_serializable(package="flaxlayer")
@@ -115,7 +118,7 @@ class FlaxLayer(JaxLayer):
         for key in ("call_fn", "init_fn", "params", "state"):
             config.pop(key, None)
         module = self.module
-        encoder = Encoder(self._owner_name())
+        encoder = Encoder(self._owner_name(), CODECS)
         config.update(
             module=encoder.module(module),
             method=_method_to_config(self._adapter().method, encoder, type(module)),
@@ -132,7 +135,8 @@ class FlaxLayer(JaxLayer):
                 f"{owner}: the config has no `module`; the file is damaged or was not written "
                 "by flaxlayer."
             )
-        decoder = Decoder(owner)
+        decoder = Decoder(owner, CODECS)
+        finetune = config.pop("finetune", None)
         module = decoder.decode_module(config.pop("module"))
         method = _method_from_config(config.pop("method", None), module, decoder)
         try:
@@ -140,6 +144,7 @@ class FlaxLayer(JaxLayer):
         except (TypeError, ValueError) as e:
             raise SerializationError(f"{owner}: cannot rebuild the layer from the file: {e}") from e
         layer._core.loading = True
+        layer._core.finetune = finetune
         return layer
 
 
@@ -181,10 +186,9 @@ def _adapter_for(module: Any, method: Any, owner: str):
 
 
 def _adapter_class(module: Any, owner: str) -> type[ModuleAdapter]:
-    if isinstance(module, nn.Module):
-        return LinenAdapter
-    if isinstance(module, nnx.Module):
-        return NNXAdapter
+    for adapter in MODULE_ADAPTERS:
+        if isinstance(module, adapter.module_base):
+            return adapter
     raise TypeError(
         f"{owner}: `module` must be a flax.linen.Module or flax.nnx.Module instance; got "
         f"{type(module).__module__}.{type(module).__qualname__}. For a plain JAX function or "

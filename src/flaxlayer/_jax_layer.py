@@ -27,6 +27,7 @@ from flaxlayer._distribution import (
     current_scope_path,
     variable_layouts,
 )
+from flaxlayer._finetune import Extra, FineTuning, applied
 from flaxlayer._functions import FunctionAdapter
 from flaxlayer._program import (
     JIT_INIT_BYTES,
@@ -52,6 +53,7 @@ from flaxlayer._specs import (
     spec_to_config,
     structs,
 )
+from flaxlayer._transforms import Int8, module_params
 from flaxlayer._types import PyTree
 from flaxlayer._variables import (
     TreeLayout,
@@ -98,10 +100,29 @@ class _Core:
         # are written back. BatchNorm statistics at inference, for instance, are never copied.
         self.written: dict[bool, tuple[int, ...]] = {}
         self.learn_written: Callable[[bool], tuple[int, ...]] = _not_built
+        # Parameter transforms (LoRA, int8) in the order applied, with their variables; and
+        # a loaded config's `finetune` entry, replayed once the module's variables exist.
+        self.extras: list[Extra] = []
+        self.finetune: Any = None
+
+    @property
+    def extra_vars(self) -> list:
+        return [v for extra in self.extras for v in extra.variables]
+
+    @property
+    def stored_params(self) -> list:
+        """What the compiled call takes as params: the module's, then the transforms'."""
+        return self.param_vars + self.extra_vars
+
+    @property
+    def all_vars(self) -> list:
+        """Every variable, in the order of the weights file (transforms' last, so that adding
+        one never moves another)."""
+        return self.param_vars + self.state_vars + self.extra_vars
 
 
 @keras.saving.register_keras_serializable(package="flaxlayer")
-class JaxLayer(keras.layers.Layer):
+class JaxLayer(FineTuning, keras.layers.Layer):
     """A Keras layer from a pure JAX function: plain JAX, Haiku, or anything `init`/`apply`-shaped.
 
     `call_fn` takes any of `params`, `state`, `rng`, `inputs`, `training` by those names, in any
@@ -256,22 +277,36 @@ class JaxLayer(keras.layers.Layer):
             core.pending = True
         else:
             self._create_variables(layouts, copy=given, pending=False)
+        if core.finetune is not None:
+            finetune, core.finetune = core.finetune, None
+            self._replay_finetune(finetune)
         core.needs_rng, core.has_loss = plan.needs_rng, plan.has_loss
         if any(core.needs_rng):
             self.seed_generator = core.seed_generator
+        self._compile_program()
+
+    def _compile_program(self) -> None:
+        """The layer's pure function and its compiled form, for its current variables."""
+        core = self._core
         mixed = self.autocast and self.compute_dtype != self.variable_dtype
         state_casts = [
             self.compute_dtype if mixed and is_float_dtype(v.dtype) else None
             for v in core.state_vars
         ]
+        transforms = applied(core.extras, len(core.param_vars))
         core.written = {}
         core.pure = make_pure(
-            adapter,
+            core.adapter,
             core.params_layout,
             core.state_layout,
             self._owner_name(),
             state_casts,
             core.written,
+            param_map=functools.partial(
+                module_params, applied=transforms, count=len(core.param_vars)
+            )
+            if transforms
+            else None,
         )
         core.run = compile_for_backend(
             core.pure, owner=self._owner_name(), platforms=self.native_serialization_platforms
@@ -313,7 +348,7 @@ class JaxLayer(keras.layers.Layer):
             (core.params_layout, adapter.params_prefix, True),
             (core.state_layout, adapter.state_prefix, False),
         ):
-            offset = len(created)
+            offset = sum(len(group) for group in created)
             created.append(
                 create_variables(
                     layout.take_leaves(),
@@ -339,7 +374,7 @@ class JaxLayer(keras.layers.Layer):
 
         def initializer(shape, dtype):
             core = self._core
-            variables = core.param_vars + core.state_vars
+            variables = core.all_vars
             if core.pending:
                 # Inside Keras's deserialization (a weights file usually follows): no values yet.
                 loading = core.loading and _compat.keras_safe_mode() is not None
@@ -366,10 +401,10 @@ class JaxLayer(keras.layers.Layer):
         core = self._core
         core.loading = False
         params, state = self._initial_trees()
-        values = [
-            concrete(x) for x in TreeLayout(params).take_leaves() + TreeLayout(state).take_leaves()
-        ]
-        for variable, value in zip(core.param_vars + core.state_vars, values, strict=True):
+        params = [concrete(x) for x in TreeLayout(params).take_leaves()]
+        extras = self._stored_from_module(params)
+        values = params + [concrete(x) for x in TreeLayout(state).take_leaves()] + extras
+        for variable, value in zip(core.all_vars, values, strict=True):
             if _compat.is_deferred(variable):
                 _compat.initialize_deferred(variable, value)
             else:
@@ -419,7 +454,7 @@ class JaxLayer(keras.layers.Layer):
         if written is None:
             written = core.written[training] = core.learn_written(training)
         outputs, new_state, loss = core.run(
-            [v.value for v in core.param_vars],
+            [v.value for v in core.stored_params],
             [v.value for v in core.state_vars],
             rng,
             inputs,
@@ -434,7 +469,7 @@ class JaxLayer(keras.layers.Layer):
     def _abstract_arguments(self, training: bool) -> tuple:
         core = self._core
         cast = self.autocast and self.compute_dtype != self.variable_dtype
-        params = [self._struct_of(v, cast) for v in core.param_vars]
+        params = [self._struct_of(v, cast) for v in core.stored_params]
         state = [self._struct_of(v, False) for v in core.state_vars]  # pure() casts state
         rng = SPEC_KEY if core.needs_rng[training] else None
         return params, state, rng
@@ -499,6 +534,9 @@ class JaxLayer(keras.layers.Layer):
                 else list(self.native_serialization_platforms)
             ),
         )
+        finetune = self._finetune_config() if self.built else None
+        if finetune is not None:
+            config["finetune"] = finetune
         if self.init_fn is None:
             # Nothing can re-create the params: record their shapes, the weights file the values.
             params, state = self._trees_for_config()
@@ -511,8 +549,14 @@ class JaxLayer(keras.layers.Layer):
     def _trees_for_config(self) -> tuple[Any, Any]:
         core = self._core
         if self.built:
+            params = list(core.param_vars)
+            for extra in core.extras:  # a quantized leaf is a float param of the module
+                if isinstance(extra.transform, Int8):
+                    params[extra.index] = jax.ShapeDtypeStruct(
+                        tuple(params[extra.index].shape), extra.transform.dtype
+                    )
             trees = (
-                core.params_layout.unflatten(core.param_vars),
+                core.params_layout.unflatten(params),
                 core.state_layout.unflatten(core.state_vars),
             )
         else:
@@ -531,6 +575,7 @@ class JaxLayer(keras.layers.Layer):
     def from_config(cls, config: dict) -> "JaxLayer":
         config = dict(config)
         owner = f"{cls.__name__} {config.get('name')!r}"
+        finetune = config.pop("finetune", None)
         for name in ("call_fn", "init_fn"):
             if config.get(name) is not None:
                 config[name] = keras.saving.deserialize_keras_object(config[name])
@@ -548,6 +593,7 @@ class JaxLayer(keras.layers.Layer):
         except (TypeError, ValueError) as e:
             raise SerializationError(f"{owner}: cannot rebuild the layer from the file: {e}") from e
         layer._core.loading = True
+        layer._core.finetune = finetune
         return layer
 
     def get_build_config(self) -> dict | None:
@@ -564,9 +610,13 @@ class JaxLayer(keras.layers.Layer):
         else:
             super().build_from_config(config)
 
+    def save_own_variables(self, store) -> None:
+        for i, variable in enumerate(self._core.all_vars):
+            store[str(i)] = variable
+
     def load_own_variables(self, store) -> None:
         core = self._core
-        variables = core.param_vars + core.state_vars
+        variables = core.all_vars
         owner = self._owner_name()
         if len(store.keys()) != len(variables):
             raise SerializationError(
@@ -708,6 +758,7 @@ class JaxLayer(keras.layers.Layer):
         groups = (
             VariableGroup(adapter.params_prefix, core.params_layout.paths, core.param_vars),
             VariableGroup(adapter.state_prefix, core.state_layout.paths, core.state_vars),
+            VariableGroup((), self._extra_paths(), core.extra_vars),
         )
         title = self._owner_name() + (f" ({what})" if what else "")
         print_fn = print if print_fn is None else print_fn
@@ -721,9 +772,11 @@ class JaxLayer(keras.layers.Layer):
         an array shared with a variable is deleted by the next `fit`, `evaluate` or `predict`.
         """
         core = self._core
-        as_jax = [jax_copy(v.value) for v in core.param_vars + core.state_vars]
+        stored = [jax_copy(v.value) for v in core.stored_params]
+        state = [jax_copy(v.value) for v in core.state_vars]
         n = len(core.param_vars)
-        return core.params_layout.unflatten(as_jax[:n]), core.state_layout.unflatten(as_jax[n:])
+        params = module_params(stored, applied(core.extras, n), n)
+        return core.params_layout.unflatten(params), core.state_layout.unflatten(state)
 
     def _check_built(self, what: str) -> None:
         if not self.built:

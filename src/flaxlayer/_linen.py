@@ -2,7 +2,8 @@
 
 At build time, under `jax.eval_shape` only, the adapter learns which rng streams the method asks
 for (in training and at inference), which collections are real state (stable across calls) and
-which are sown per call ("intermediates", "losses", ...).
+which are sown per call ("intermediates", "losses", ...). `LinenCodec` writes a module's
+configuration to a `.keras` file and reads it back.
 """
 
 import re
@@ -23,6 +24,7 @@ from flaxlayer._adapter import (
     shape_mismatches,
 )
 from flaxlayer._methods import resolve_method
+from flaxlayer._serialization import TAG, KindCodec, schema
 from flaxlayer._variables import flatten_with_paths
 
 SOWN_BY_CONVENTION = ("intermediates", "losses")
@@ -72,8 +74,59 @@ def sum_losses(collection: Any):
     return sum(jnp.sum(leaf).astype(jnp.float32) for leaf in leaves)
 
 
+class LinenCodec(KindCodec):
+    """A Linen module in a config: its class and dataclass fields (or its own `get_config`)."""
+
+    entries = schema(("module", {"class"}, {"fields", "custom_config"}))
+    class_bases = (nn.Module,)
+    module_base = nn.Module
+
+    @classmethod
+    def encodes(cls, value: Any) -> bool:
+        return isinstance(value, nn.Module)
+
+    def encode(self, value: Any, where: str) -> dict:
+        cls = type(value)
+        ref = self.coder.class_ref(cls, where, instantiated=True)
+        if callable(getattr(cls, "get_config", None)) and callable(
+            getattr(cls, "from_config", None)
+        ):
+            return {TAG: "module", "class": ref, "custom_config": value.get_config()}
+        return {TAG: "module", "class": ref, "fields": self.coder.fields(value, cls)}
+
+    def check(self, data: dict, path: tuple, depth: int, declared: Any) -> None:
+        decoder = self.coder
+        cls = decoder.check_class(data, path, (nn.Module,), "a Linen module class")
+        decoder.instantiated(cls)
+        if "custom_config" in data:
+            if not callable(getattr(cls, "from_config", None)):
+                raise decoder.fail(
+                    path,
+                    f"{cls.__name__} has no classmethod from_config, so it cannot be rebuilt "
+                    "from a custom config; the file may have been tampered with.",
+                )
+            return
+        fields = data.get("fields", {})
+        if not isinstance(fields, dict):
+            raise decoder.fail((*path, "fields"), "fields must be a mapping.")
+        decoder.check_fields(cls, fields, (*path, "fields"), depth)
+
+    def decode(self, data: dict, path: tuple) -> Any:
+        decoder = self.coder
+        cls = decoder.class_of(data)
+        if "custom_config" in data:
+            config = data["custom_config"]
+            return decoder.construct(
+                path, lambda: cls.from_config(config), f"{cls.__name__}.from_config"
+            )
+        fields = decoder.fields_of(data, path)
+        return decoder.construct(path, lambda: cls(**fields), f"constructing {cls.__name__}")
+
+
 class LinenAdapter(ModuleAdapter):
     framework = nn.Module.__mro__
+    module_base = nn.Module
+    codec = LinenCodec
 
     def __init__(self, module: nn.Module, method: Any, *, owner: str):
         super().__init__(module, method, owner=owner)

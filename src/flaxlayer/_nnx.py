@@ -5,20 +5,30 @@ rng state (`RngKey`/`RngCount`, re-keyed from the layer's seed on every call, so
 and everything else (BatchStat, caches, user Variable types: non-trainable, written back). Each
 call merges a fresh copy of the module from the current values, so the user's module object is
 never put in another mode; at build its arrays move into the layer's variables and it is left
-holding `MovedArray`s, which say so when used.
+holding `MovedArray`s, which say so when used. `NNXCodec` writes a module's object graph to a
+`.keras` file and reads it back.
 """
 
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from flaxlayer._adapter import ModuleAdapter, Plan, raise_mismatches, shape_mismatches
-from flaxlayer._compat import key_impl_name, replace_variable_value
+from flaxlayer._compat import (
+    hashable_mapping,
+    key_impl_name,
+    pytree_state,
+    replace_variable_value,
+)
 from flaxlayer._methods import resolve_method
+from flaxlayer._serialization import MAX_DEPTH, TAG, KindCodec, declared_types, schema
 
 _DEFAULT_IMPL = "threefry2x32"
+_KEY_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
+_HOOK_KEYS = ("on_get_value", "on_set_value", "on_create_value", "on_add_axis", "on_remove_axis")
 
 
 def _is_key(x: Any) -> bool:
@@ -123,9 +133,218 @@ def _mark_moved(module: nnx.Module, owner: str) -> None:
                 replace_variable_value(node, MovedArray(tuple(value.shape), value.dtype, message))
 
 
+class NNXCodec(KindCodec):
+    """An NNX module in a config: its object graph (classes, attributes, variable types, shapes
+    and metadata); variable values travel in the weights file.
+
+    A node reachable twice is written once and referenced after. Loading rebuilds nodes as NNX
+    itself does in `nnx.merge` (no `__init__`), with abstract variables that the weights fill.
+    """
+
+    entries = schema(
+        ("nnx_node", {"id", "class", "attributes"}, {"data"}),
+        ("nnx_ref", {"id"}, ()),
+        ("nnx_variable", {"class", "shape", "metadata"}, {"dtype", "key_impl"}),
+    )
+    class_bases = (nnx.Module, nnx.Variable)
+    module_base = nnx.Module
+
+    def __init__(self, coder: Any):
+        super().__init__(coder)
+        self._ids: dict[int, int] = {}  # saving: id(node) -> node id
+        self._nodes: dict[int, Any] = {}  # loading: node id -> node
+        self._shapes: dict[bool, list[tuple[tuple, tuple]]] = {True: [], False: []}
+
+    @classmethod
+    def encodes(cls, value: Any) -> bool:
+        return isinstance(value, (nnx.Pytree, nnx.Variable))
+
+    # ------------------------------------------------------------------------------ saving
+
+    def encode(self, value: Any, where: str) -> dict:
+        if isinstance(value, nnx.Variable):
+            return self._encode_variable(value, where)
+        if id(value) in self._ids:
+            return {TAG: "nnx_ref", "id": self._ids[id(value)]}
+        self._ids[id(value)] = index = len(self._ids)
+        cls = type(value)
+        ref = self.coder.class_ref(cls, where, instantiated=True)
+        declared = declared_types(cls, with_init=True)  # type: ignore[arg-type]
+        attributes, data = {}, None
+        for name, attribute in vars(value).items():
+            if name == "_pytree__state":
+                continue
+            if name == "_pytree__nodes":
+                data = {str(k): bool(v) for k, v in attribute.items()}
+                continue
+            attributes[name] = self.coder.value(
+                attribute, f"{cls.__name__}.{name}", declared=declared.get(name)
+            )
+        return {TAG: "nnx_node", "id": index, "class": ref, "attributes": attributes, "data": data}
+
+    def _encode_variable(self, variable: nnx.Variable, where: str) -> dict:
+        value = variable.get_value()
+        metadata = {k: v for k, v in variable.get_metadata().items() if k not in _HOOK_KEYS}
+        entry = {
+            TAG: "nnx_variable",
+            "class": self.coder.class_ref(type(variable), where),
+            "shape": list(np.shape(value)),
+            "metadata": self.coder.value(metadata, where),
+        }
+        if _is_key(value):
+            entry["key_impl"] = str(jax.random.key_impl(value))
+        else:
+            entry["dtype"] = np.dtype(value.dtype).name
+        return entry
+
+    # ----------------------------------------------------------------------------- loading
+
+    def check(self, data: dict, path: tuple, depth: int, declared: Any) -> None:
+        kind = data[TAG]
+        if kind == "nnx_node":
+            self._check_node(data, path, depth)
+        elif kind == "nnx_ref":
+            if data["id"] not in self._nodes:
+                raise self.coder.fail(
+                    path, "it refers to an NNX node the file does not define before it."
+                )
+        else:
+            self._check_variable(data, path, depth)
+
+    def _check_node(self, data: dict, path: tuple, depth: int) -> None:
+        decoder = self.coder
+        cls = decoder.check_class(data, path, (nnx.Pytree,), "an NNX module or graph node class")
+        decoder.instantiated(cls)
+        if not isinstance(data["id"], int) or data["id"] in self._nodes:
+            raise decoder.fail((*path, "id"), f"node id {data['id']!r} is not a new integer.")
+        self._nodes[data["id"]] = None
+        attributes, flags = data["attributes"], data.get("data")
+        if not isinstance(attributes, dict):
+            raise decoder.fail((*path, "attributes"), "attributes must be a mapping.")
+        if flags is not None and not (
+            isinstance(flags, dict) and all(isinstance(v, bool) for v in flags.values())
+        ):
+            raise decoder.fail((*path, "data"), "data must map attribute names to true/false.")
+        node_types = declared_types(cls, with_init=True)
+        for name, value in attributes.items():
+            if not (name.isidentifier() or name.isdigit()) or name.startswith("__"):
+                raise decoder.fail(
+                    (*path, "attributes", name), "not a plain attribute name (tampered file)."
+                )
+            decoder.check_declared(
+                value, (*path, "attributes", name), depth + 1, node_types.get(name)
+            )
+
+    def _check_variable(self, data: dict, path: tuple, depth: int) -> None:
+        decoder = self.coder
+        cls = decoder.check_class(data, path, (nnx.Variable,), "an NNX Variable type")
+        shape = data["shape"]
+        if not (
+            isinstance(shape, list)
+            and len(shape) <= 32
+            and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+        ):
+            raise decoder.fail((*path, "shape"), f"{shape!r} is not a shape (a list of sizes).")
+        self._shapes[issubclass(cls, nnx.RngState)].append((path, tuple(shape)))
+        if ("dtype" in data) == ("key_impl" in data):
+            raise decoder.fail(path, "a variable entry needs exactly one of dtype and key_impl.")
+        if "dtype" in data:
+            decoder.dtype(data["dtype"], (*path, "dtype"))
+        elif data["key_impl"] not in _KEY_IMPLS:
+            raise decoder.fail((*path, "key_impl"), f"{data['key_impl']!r} is not a JAX key type.")
+        self._check_plain(data["metadata"], (*path, "metadata"), depth + 1)
+
+    def _check_plain(self, data: Any, path: tuple, depth: int) -> None:
+        """Variable metadata: plain data only (no functions, classes or hooks)."""
+        decoder = self.coder
+        if depth > MAX_DEPTH:
+            raise decoder.fail(path, f"it is nested deeper than {MAX_DEPTH} levels.")
+        if isinstance(data, list):
+            for i, v in enumerate(data):
+                self._check_plain(v, (*path, i), depth + 1)
+            return
+        if not isinstance(data, dict):
+            decoder.check(data, path, depth, None)
+            return
+        kind = data.get(TAG)
+        if kind in ("float", "dtype"):
+            decoder.check(data, path, depth, None)
+            return
+        if kind is None:
+            pairs = [[k, v] for k, v in data.items()]
+        elif kind in ("tuple", "dict", "frozendict") and set(data) == {TAG, "items"}:
+            pairs = data["items"] if kind != "tuple" else [[None, v] for v in data["items"]]
+            if not isinstance(pairs, list):
+                raise decoder.fail(path, "items must be a list.")
+        else:
+            raise decoder.fail(path, f"variable metadata holds only plain data, not {kind!r}.")
+        for i, pair in enumerate(pairs):
+            if not (isinstance(pair, list) and len(pair) == 2):
+                raise decoder.fail((*path, "items", i), "not a [key, value] pair.")
+            if pair[0] in _HOOK_KEYS:
+                raise decoder.fail(
+                    (*path, "items", i), f"variable hooks ({pair[0]}) are not loaded."
+                )
+            self._check_plain(pair[0], (*path, "items", i, 0), depth + 1)
+            self._check_plain(pair[1], (*path, "items", i, 1), depth + 1)
+
+    def finish_check(self) -> None:
+        """NNX rng state is re-made on every call at its recorded shape, and the weights file
+        does not hold it: its shape must be the leading part of a variable's shape that the
+        file does hold (keys split for `nnx.vmap`-ed layers), or a scalar."""
+        held = [shape for _, shape in self._shapes[False]]
+        for path, shape in self._shapes[True]:
+            if shape and not any(s[: len(shape)] == shape for s in held):
+                raise self.coder.fail(
+                    (*path, "shape"),
+                    f"an rng state of shape {list(shape)} matches no variable the weights file "
+                    "holds (rng keys are scalars, or split along a leading axis of stacked "
+                    "layers); the file may have been tampered with.",
+                )
+
+    def decode(self, data: dict, path: tuple) -> Any:
+        kind = data[TAG]
+        if kind == "nnx_ref":
+            return self._nodes[data["id"]]
+        if kind == "nnx_variable":
+            return self._decode_variable(data, path)
+        cls = self.coder.class_of(data)
+        # As NNX itself rebuilds a node in nnx.merge: no __init__, attributes set directly.
+        node = object.__new__(cls)
+        self._nodes[data["id"]] = node
+        object.__setattr__(node, "_pytree__state", pytree_state())
+        if data.get("data") is not None:
+            object.__setattr__(node, "_pytree__nodes", hashable_mapping(data["data"]))
+        for name, value in data["attributes"].items():
+            object.__setattr__(node, name, self.coder.value(value, (*path, "attributes", name)))
+        return node
+
+    def _decode_variable(self, data: dict, path: tuple) -> nnx.Variable:
+        cls = self.coder.class_of(data)
+        shape = tuple(data["shape"])
+        if "key_impl" in data:
+            impl = data["key_impl"]
+            value = jax.eval_shape(
+                lambda: (
+                    jax.random.split(jax.random.key(0, impl=impl), shape)
+                    if shape
+                    else jax.random.key(0, impl=impl)
+                )
+            )
+        else:
+            # Abstract: the weights file holds the values, checked against this shape.
+            value = jax.ShapeDtypeStruct(shape, self.coder.dtype(data["dtype"], path))
+        metadata = self.coder.value(data["metadata"], (*path, "metadata"))
+        return self.coder.construct(
+            path, lambda: cls.from_metadata(value, metadata), f"an NNX {cls.__name__}"
+        )
+
+
 class NNXAdapter(ModuleAdapter):
     init_uses_rng = False
     framework = nnx.Module.__mro__
+    module_base = nnx.Module
+    codec = NNXCodec
 
     def __init__(self, module: nnx.Module, method: Any, *, owner: str):
         super().__init__(module, method, owner=owner)

@@ -60,14 +60,18 @@ def make_pure(
     owner: str,
     state_casts,
     written: dict,
+    param_map: Callable[[list], list] | None = None,
 ) -> Callable:
     """The layer as one pure function of flat variable lists.
 
     Returns (outputs, new state leaves, summed sown losses); the new state leaves are those in
-    `written[training]` once that is known (all of them with `all_state=True`).
+    `written[training]` once that is known (all of them with `all_state=True`). `param_map`
+    turns the stored params into the module's (the parameter transforms: LoRA, int8).
     """
 
     def pure(params, state, rng, inputs, training, all_state=False):
+        if param_map is not None:
+            params = param_map(params)
         if rng is not None:
             rng = rng.astype(jnp.uint32)
         state = [x if c is None else x.astype(c) for x, c in zip(state, state_casts, strict=True)]

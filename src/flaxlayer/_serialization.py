@@ -4,7 +4,8 @@ What is captured: a Linen module's dataclass fields, recursively (submodules, tu
 dicts, scalars, dtypes, module classes, `functools.partial`, functions, initializers made by
 the JAX/Flax factories, and config objects: dataclasses, `flax.struct` dataclasses and Hugging
 Face-style configs with `to_dict`/`from_dict`); an NNX module's object graph; a class with its
-own `get_config`/`from_config` through those.
+own `get_config`/`from_config` through those. What a module kind writes of its own objects
+(a Linen module's fields, an NNX object graph) its adapter says, through a `KindCodec`.
 
 Saving refuses what loading would refuse, so a file that saves loads. Loading checks the
 whole entry tree first (its shape, every class it names, every config's declared type) before
@@ -13,6 +14,7 @@ variables come back abstract; values travel in the weights file), and reports ev
 `SerializationError` with the config path of the entry.
 """
 
+import abc
 import dataclasses
 import functools
 import inspect
@@ -21,8 +23,8 @@ import sys
 import types
 import typing
 import warnings
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, ClassVar
 
 import keras
 import numpy as np
@@ -35,30 +37,30 @@ TAG = "__flaxlayer__"
 SKIPPED_FIELDS = ("parent",)
 MAX_DEPTH = 100
 
-# Each kind of entry: the keys it must have, and the keys it may have. Every key of an entry
-# is one the loader reads: nothing in a file is looked at by one step and skipped by another.
-SCHEMA: dict[str, tuple[frozenset, frozenset]] = {
-    kind: (frozenset(required), frozenset(optional))
-    for kind, required, optional in (
-        ("module", {"class"}, {"fields", "custom_config"}),
-        ("nnx_node", {"id", "class", "attributes"}, {"data"}),
-        ("nnx_ref", {"id"}, ()),
-        ("nnx_variable", {"class", "shape", "metadata"}, {"dtype", "key_impl"}),
-        ("config", {"class"}, {"fields", "dict"}),
-        ("class", {"class"}, ()),
-        ("function", (), {"module", "qualname", "registered"}),
-        ("factory", {"factory"}, {"kwargs"}),
-        ("partial", {"func"}, {"args", "keywords"}),
-        ("tuple", {"items"}, ()),
-        ("dict", {"items"}, ()),
-        ("frozendict", {"items"}, ()),
-        ("dtype", {"name"}, ()),
-        ("scalar", {"dtype", "value"}, ()),
-        ("float", {"value"}, ()),
-    )
-}
-_KEY_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
-_HOOK_KEYS = ("on_get_value", "on_set_value", "on_create_value", "on_add_axis", "on_remove_axis")
+#: An entry's keys: those it must have, and those it may have.
+Keys = tuple[frozenset, frozenset]
+
+
+def schema(*entries: tuple[str, Any, Any]) -> dict[str, Keys]:
+    """`{kind: (required keys, optional keys)}` from `(kind, required, optional)` triples."""
+    return {kind: (frozenset(needed), frozenset(allowed)) for kind, needed, allowed in entries}
+
+
+# Each kind of entry a module kind's codec does not own. Every key of an entry is one the
+# loader reads: nothing in a file is looked at by one step and skipped by another.
+SCHEMA = schema(
+    ("config", {"class"}, {"fields", "dict"}),
+    ("class", {"class"}, ()),
+    ("function", (), {"module", "qualname", "registered"}),
+    ("factory", {"factory"}, {"kwargs"}),
+    ("partial", {"func"}, {"args", "keywords"}),
+    ("tuple", {"items"}, ()),
+    ("dict", {"items"}, ()),
+    ("frozendict", {"items"}, ()),
+    ("dtype", {"name"}, ()),
+    ("scalar", {"dtype", "value"}, ()),
+    ("float", {"value"}, ()),
+)
 
 
 class SerializationError(ValueError):
@@ -80,13 +82,6 @@ class SerializationError(ValueError):
     """
 
 
-def module_classes() -> tuple[type, ...]:
-    import flax.linen as nn
-    from flax import nnx
-
-    return (nn.Module, nnx.Module)
-
-
 def in_safe_mode() -> bool:
     from flaxlayer._compat import keras_safe_mode
 
@@ -97,16 +92,15 @@ def _ref(cls: Any) -> dict:
     return {"module": cls.__module__, "qualname": cls.__qualname__}
 
 
-def _is_nnx_node(value: Any) -> bool:
-    from flax import nnx
-
-    return isinstance(value, nnx.Pytree)
-
-
-def _is_nnx_variable(value: Any) -> bool:
-    from flax import nnx
-
-    return isinstance(value, nnx.Variable)
+def _is_config(value: Any) -> bool:
+    """A config object: a dataclass or a `to_dict`/`from_dict` class (modules are asked first)."""
+    if isinstance(value, type):
+        return False
+    if dataclasses.is_dataclass(value):
+        return True
+    return callable(getattr(value, "to_dict", None)) and callable(
+        getattr(type(value), "from_dict", None)
+    )
 
 
 def _as_dtype(value: Any) -> np.dtype | None:
@@ -117,17 +111,6 @@ def _as_dtype(value: Any) -> np.dtype | None:
     if type(value).__name__ == "_ScalarMeta":  # jnp.float32 and friends
         return np.dtype(value.dtype)
     return None
-
-
-def _is_config(value: Any) -> bool:
-    """A config object: a dataclass (not a module) or a `to_dict`/`from_dict` class."""
-    if isinstance(value, (type, *module_classes())) or _is_nnx_node(value):
-        return False
-    if dataclasses.is_dataclass(value):
-        return True
-    return callable(getattr(value, "to_dict", None)) and callable(
-        getattr(type(value), "from_dict", None)
-    )
 
 
 # ------------------------------------------------------------------------- declared types
@@ -146,8 +129,9 @@ def _registered_name(fn: Any) -> str | None:
 
 
 @functools.cache
-def declared_types(cls: Any) -> dict[str, Any]:
-    """The type each field or attribute of `cls` is declared with (for NNX also `__init__`'s).
+def declared_types(cls: Any, *, with_init: bool = False) -> dict[str, Any]:
+    """The type each field or attribute of `cls` is declared with (and, `with_init`, each
+    argument of its `__init__`: how a non-dataclass such as an NNX module declares them).
 
     Annotations are resolved in the class's own module; one that cannot be resolved counts as
     undeclared.
@@ -155,7 +139,7 @@ def declared_types(cls: Any) -> dict[str, Any]:
     declared: dict[str, Any] = {}
     sources: list[Any] = [cls]
     init = vars(cls).get("__init__") or getattr(cls, "__init__", None)
-    if _is_nnx_class(cls) and inspect.isfunction(init):
+    if with_init and inspect.isfunction(init):
         sources.insert(0, init)
     for source in sources:
         try:
@@ -172,12 +156,6 @@ def declared_types(cls: Any) -> dict[str, Any]:
     return declared
 
 
-def _is_nnx_class(cls: type) -> bool:
-    from flax import nnx
-
-    return isinstance(cls, type) and issubclass(cls, nnx.Pytree)
-
-
 def config_type(annotation: Any) -> type | None:
     """The class a field declared `T`, `T | None` or `Optional[T]` holds, else None."""
     origin = typing.get_origin(annotation)
@@ -189,8 +167,8 @@ def config_type(annotation: Any) -> type | None:
     return annotation
 
 
-def module_factory_bound(annotation: Any) -> type | None:
-    """M for a field declared `type[M]` or `Callable[..., M]` with M a Flax module class."""
+def module_factory_bound(annotation: Any, bases: tuple[type, ...]) -> type | None:
+    """M for a field declared `type[M]` or `Callable[..., M]` with M a subclass of `bases`."""
     import collections.abc
 
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
@@ -200,7 +178,53 @@ def module_factory_bound(annotation: Any) -> type | None:
         bound = args[1]
     else:
         return None
-    return bound if isinstance(bound, type) and issubclass(bound, module_classes()) else None
+    return bound if isinstance(bound, type) and issubclass(bound, bases) else None
+
+
+# ------------------------------------------------------------------------ module kinds
+
+
+class KindCodec(abc.ABC):
+    """What one module kind (Linen, NNX) writes of its own objects, and how it reads them back.
+
+    Each adapter module defines one; `Encoder` and `Decoder` ask the codecs they are given for
+    every value and entry kind they do not handle themselves. A codec is made per `Encoder` or
+    `Decoder` (it may keep state across one file, such as the NNX node ids seen) and uses the
+    public methods of the coder it is given: `value`, `class_ref`, `fields` when saving;
+    `check`, `check_class`, `check_fields`, `check_declared`, `value`, `construct`, `fail`
+    when loading. Loading checks an entry completely (`check`, nothing constructed) before
+    `decode` builds it.
+    """
+
+    #: The entry kinds this codec writes, with their keys (see `schema`).
+    entries: ClassVar[Mapping[str, Keys]]
+    #: Classes whose subclasses may be written as a class (a field holding a module class).
+    class_bases: ClassVar[tuple[type, ...]]
+    #: The module base class: what a `type[M]` or `Callable[..., M]` field may be bound to.
+    module_base: ClassVar[type]
+
+    def __init__(self, coder: Any):
+        self.coder = coder
+
+    @classmethod
+    @abc.abstractmethod
+    def encodes(cls, value: Any) -> bool:
+        """Whether `value` is an object of this kind (a module, a graph node, a variable)."""
+
+    @abc.abstractmethod
+    def encode(self, value: Any, where: str) -> dict:
+        """The entry for `value` (`where` names the field, for messages)."""
+
+    @abc.abstractmethod
+    def check(self, data: dict, path: tuple, depth: int, declared: Any) -> None:
+        """Checks an entry of one of `entries` (keys already checked) without building it."""
+
+    @abc.abstractmethod
+    def decode(self, data: dict, path: tuple) -> Any:
+        """Builds a checked entry."""
+
+    def finish_check(self) -> None:  # noqa: B027 (most kinds have nothing to add)
+        """Checks what only the whole file shows, after every entry is checked."""
 
 
 # ------------------------------------------------------------------------------- capture
@@ -222,9 +246,10 @@ class Encoder:
     name will load (see `_trust`), and warns about classes defined in `__main__`.
     """
 
-    def __init__(self, owner: str):
+    def __init__(self, owner: str, kinds: Sequence[type[KindCodec]]):
         self.owner = owner
-        self._nodes: dict[int, int] = {}
+        self.codecs = [kind(self) for kind in kinds]
+        self._class_bases = tuple(b for kind in kinds for b in kind.class_bases)
         self._user_modules: set[str] = set()
         self._saved: list[_Saved] = []
         self._main: set[str] = set()
@@ -240,21 +265,19 @@ class Encoder:
             f"{cls} get_config() and a classmethod from_config()."
         )
 
-    def module(self, module: Any, where: str | None = None) -> dict:
-        cls = type(module)
-        where = where or cls.__name__
-        if _is_nnx_node(module):
-            return self.nnx_node(module, where)
-        ref = self.class_ref(cls, where, instantiated=True)
-        if callable(getattr(cls, "get_config", None)) and callable(
-            getattr(cls, "from_config", None)
-        ):
-            return {TAG: "module", "class": ref, "custom_config": module.get_config()}
-        if not dataclasses.is_dataclass(module):
-            raise self.fail(where, module, "it is not a dataclass")
-        return {TAG: "module", "class": ref, "fields": self._fields(module, cls)}
+    def codec_for(self, value: Any) -> KindCodec | None:
+        return next((c for c in self.codecs if c.encodes(value)), None)
 
-    def _fields(self, obj: Any, cls: type) -> dict:
+    def module(self, module: Any, where: str | None = None) -> dict:
+        """The entry for a module of one of the kinds this encoder was given."""
+        where = where or type(module).__name__
+        codec = self.codec_for(module)
+        if codec is None:
+            raise self.fail(where, module, "it is not a module of a kind flaxlayer wraps")
+        return codec.encode(module, where)
+
+    def fields(self, obj: Any, cls: type) -> dict:
+        """A dataclass's init fields that differ from their defaults, as entries."""
         declared = declared_types(cls)
         fields = {}
         for f in dataclasses.fields(obj):
@@ -269,47 +292,6 @@ class Encoder:
                 value, f"{cls.__name__}.{f.name}", declared=declared.get(f.name)
             )
         return fields
-
-    def nnx_node(self, node: Any, where: str) -> dict:
-        """An NNX graph node (Module, List, Rngs, ...): its class and attributes, values aside.
-
-        Variables keep their type, shape, dtype and metadata; their values travel in the
-        weights file. A node reachable twice is written once and referenced after.
-        """
-        if id(node) in self._nodes:
-            return {TAG: "nnx_ref", "id": self._nodes[id(node)]}
-        self._nodes[id(node)] = index = len(self._nodes)
-        cls = type(node)
-        ref = self.class_ref(cls, where, instantiated=True)
-        declared = declared_types(cls)  # type: ignore[arg-type]
-        attributes, data = {}, None
-        for name, value in vars(node).items():
-            if name == "_pytree__state":
-                continue
-            if name == "_pytree__nodes":
-                data = {str(k): bool(v) for k, v in value.items()}
-                continue
-            attributes[name] = self.value(
-                value, f"{cls.__name__}.{name}", declared=declared.get(name)
-            )
-        return {TAG: "nnx_node", "id": index, "class": ref, "attributes": attributes, "data": data}
-
-    def nnx_variable(self, variable: Any, where: str) -> dict:
-        import jax
-
-        value = variable.get_value()
-        metadata = {k: v for k, v in variable.get_metadata().items() if k not in _HOOK_KEYS}
-        entry = {
-            TAG: "nnx_variable",
-            "class": self.class_ref(type(variable), where),
-            "shape": list(np.shape(value)),
-            "metadata": self.value(metadata, where),
-        }
-        if jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key):
-            entry["key_impl"] = str(jax.random.key_impl(value))
-        else:
-            entry["dtype"] = np.dtype(value.dtype).name
-        return entry
 
     def class_ref(self, cls: type, where: str, *, instantiated: bool = False) -> dict:
         ref = _ref(cls)
@@ -336,14 +318,13 @@ class Encoder:
             if isinstance(item, complex):
                 item = [item.real, item.imag]
             return {TAG: "scalar", "dtype": value.dtype.name, "value": item}
-        if _is_nnx_variable(value):
-            return self.nnx_variable(value, where)
-        if isinstance(value, module_classes()) or _is_nnx_node(value):
-            return self.module(value, where)
+        codec = self.codec_for(value)
+        if codec is not None:
+            return codec.encode(value, where)
         dtype = _as_dtype(value)
         if dtype is not None:
             return {TAG: "dtype", "name": dtype.name}
-        if isinstance(value, type) and issubclass(value, module_classes()):
+        if isinstance(value, type) and issubclass(value, self._class_bases):
             return {TAG: "class", "class": self.class_ref(value, where)}
         if _is_config(value):
             return self.config(value, where, declared)
@@ -381,7 +362,7 @@ class Encoder:
             )
         ref = self.class_ref(cls, where, instantiated=True)
         if dataclasses.is_dataclass(value):
-            return {TAG: "config", "class": ref, "fields": self._fields(value, cls)}
+            return {TAG: "config", "class": ref, "fields": self.fields(value, cls)}
         as_dict = dict(value.to_dict())  # type: ignore[attr-defined]
         return {TAG: "config", "class": ref, "dict": self.value(as_dict, where)}
 
@@ -504,15 +485,27 @@ class Decoder:
     the file instantiates: only their top-level functions may be resolved by name.
     """
 
-    def __init__(self, owner: str, *, safe: bool | None = None, root: tuple = ("module",)):
+    def __init__(
+        self,
+        owner: str,
+        kinds: Sequence[type[KindCodec]],
+        *,
+        safe: bool | None = None,
+        root: tuple = ("module",),
+    ):
         self.owner = owner
         self.safe = in_safe_mode() if safe is None else safe
         self.root = root
         self.user_modules: set[str] = set()
+        self.codecs = [kind(self) for kind in kinds]
+        self._schema = dict(SCHEMA)
+        self._owners: dict[str, KindCodec] = {}
+        for codec in self.codecs:
+            self._schema.update(codec.entries)
+            self._owners.update(dict.fromkeys(codec.entries, codec))
+        self._class_bases = tuple(b for kind in kinds for b in kind.class_bases)
+        self.module_bases = tuple(kind.module_base for kind in kinds)
         self._classes: dict[int, type] = {}
-        self._nodes: dict[int, Any] = {}
-        self._node_ids: set[int] = set()
-        self._shapes: dict[bool, list[tuple[tuple, tuple]]] = {True: [], False: []}
 
     def fail(self, path: tuple, what: str) -> SerializationError:
         return SerializationError(f"{self.owner}: cannot load config entry {_show(path)}: {what}")
@@ -521,22 +514,9 @@ class Decoder:
 
     def decode_module(self, data: Any) -> Any:
         self.check(data, self.root, 0, None)
-        self._check_rng_shapes()
+        for codec in self.codecs:
+            codec.finish_check()
         return self.value(data, self.root)
-
-    def _check_rng_shapes(self) -> None:
-        """NNX rng state is re-made on every call at its recorded shape, and the weights file
-        does not hold it: its shape must be the leading part of a variable's shape that the
-        file does hold (keys split for `nnx.vmap`-ed layers), or a scalar."""
-        held = [shape for _, shape in self._shapes[False]]
-        for path, shape in self._shapes[True]:
-            if shape and not any(s[: len(shape)] == shape for s in held):
-                raise self.fail(
-                    (*path, "shape"),
-                    f"an rng state of shape {list(shape)} matches no variable the weights file "
-                    "holds (rng keys are scalars, or split along a leading axis of stacked "
-                    "layers); the file may have been tampered with.",
-                )
 
     def check(self, data: Any, path: tuple, depth: int, declared: Any) -> None:
         if depth > MAX_DEPTH:
@@ -554,11 +534,11 @@ class Decoder:
             for k, v in data.items():
                 self.check(v, (*path, k), depth + 1, None)
             return
-        if kind not in SCHEMA:
+        if kind not in self._schema:
             raise self.fail(
                 path, f"{kind!r} is not a kind of entry flaxlayer writes (a damaged file)."
             )
-        required, optional = SCHEMA[kind]
+        required, optional = self._schema[kind]
         keys = set(data) - {TAG}
         if not required <= keys or not keys <= required | optional:
             raise self.fail(
@@ -566,13 +546,17 @@ class Decoder:
                 f"a {kind!r} entry has the keys {sorted(keys)}; it needs {sorted(required)} and "
                 f"may have {sorted(optional)}.",
             )
-        getattr(self, f"_check_{kind}", self._check_children)(data, path, depth, declared)
+        if kind in self._owners:
+            self._owners[kind].check(data, path, depth, declared)
+        else:
+            getattr(self, f"_check_{kind}", self._check_children)(data, path, depth, declared)
 
     def _check_children(self, data, path, depth, declared) -> None:
         for key in set(data) - {TAG}:
             self.check(data[key], (*path, key), depth + 1, None)
 
-    def _class(self, data: dict, path: tuple, bases: tuple[type, ...], what: str) -> type:
+    def check_class(self, data: dict, path: tuple, bases: tuple[type, ...], what: str) -> type:
+        """Resolves the class an entry names (under `_trust`); it must subclass `bases`."""
         ref = data["class"]
         if not (
             isinstance(ref, dict)
@@ -595,29 +579,17 @@ class Decoder:
         self._classes[id(data)] = cls
         return cls
 
-    def _instantiated(self, cls: type) -> None:
+    def class_of(self, data: dict) -> type:
+        """The class `check_class` resolved for `data`."""
+        return self._classes[id(data)]
+
+    def instantiated(self, cls: type) -> None:
+        """Records that the file builds `cls`: its module's top-level functions may be named."""
         if not _trust.is_library_module(cls.__module__):
             self.user_modules.add(cls.__module__)
 
-    def _check_module(self, data, path, depth, declared) -> None:
-        import flax.linen as nn
-
-        cls = self._class(data, path, (nn.Module,), "a Linen module class")
-        self._instantiated(cls)
-        if "custom_config" in data:
-            if not callable(getattr(cls, "from_config", None)):
-                raise self.fail(
-                    path,
-                    f"{cls.__name__} has no classmethod from_config, so it cannot be rebuilt "
-                    "from a custom config; the file may have been tampered with.",
-                )
-            return
-        fields = data.get("fields", {})
-        if not isinstance(fields, dict):
-            raise self.fail((*path, "fields"), "fields must be a mapping.")
-        self._check_fields(cls, fields, (*path, "fields"), depth)
-
-    def _check_fields(self, cls: type, fields: dict, path: tuple, depth: int) -> None:
+    def check_fields(self, cls: type, fields: dict, path: tuple, depth: int) -> None:
+        """A dataclass's fields: known names, required ones present, values as declared."""
         init_fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
         unknown = sorted(set(fields) - set(init_fields) | set(fields) & set(SKIPPED_FIELDS))
         if unknown:
@@ -642,11 +614,11 @@ class Decoder:
             )
         declared = declared_types(cls)
         for name, value in fields.items():
-            self._check_declared(value, (*path, name), depth + 1, declared.get(name))
+            self.check_declared(value, (*path, name), depth + 1, declared.get(name))
 
-    def _check_declared(self, value: Any, path: tuple, depth: int, declared: Any) -> None:
+    def check_declared(self, value: Any, path: tuple, depth: int, declared: Any) -> None:
         """A field's value, with what the field's declared type demands of it."""
-        bound = module_factory_bound(declared)
+        bound = module_factory_bound(declared, self.module_bases)
         if bound is not None and not (isinstance(value, dict) and value.get(TAG) == "class"):
             raise self.fail(
                 path,
@@ -661,86 +633,6 @@ class Decoder:
                 f"the class must be a subclass of {bound.__qualname__} (declared {declared!r}).",
             )
 
-    def _check_nnx_node(self, data, path, depth, declared) -> None:
-        from flax import nnx
-
-        cls = self._class(data, path, (nnx.Pytree,), "an NNX module or graph node class")
-        self._instantiated(cls)
-        if not isinstance(data["id"], int) or data["id"] in self._node_ids:
-            raise self.fail((*path, "id"), f"node id {data['id']!r} is not a new integer.")
-        self._node_ids.add(data["id"])
-        attributes, flags = data["attributes"], data.get("data")
-        if not isinstance(attributes, dict):
-            raise self.fail((*path, "attributes"), "attributes must be a mapping.")
-        if flags is not None and not (
-            isinstance(flags, dict) and all(isinstance(v, bool) for v in flags.values())
-        ):
-            raise self.fail((*path, "data"), "data must map attribute names to true/false.")
-        node_types = declared_types(cls)
-        for name, value in attributes.items():
-            if not (name.isidentifier() or name.isdigit()) or name.startswith("__"):
-                raise self.fail(
-                    (*path, "attributes", name), "not a plain attribute name (tampered file)."
-                )
-            self._check_declared(
-                value, (*path, "attributes", name), depth + 1, node_types.get(name)
-            )
-
-    def _check_nnx_ref(self, data, path, depth, declared) -> None:
-        if data["id"] not in self._node_ids:
-            raise self.fail(path, "it refers to an NNX node the file does not define before it.")
-
-    def _check_nnx_variable(self, data, path, depth, declared) -> None:
-        from flax import nnx
-
-        cls = self._class(data, path, (nnx.Variable,), "an NNX Variable type")
-        shape = data["shape"]
-        if not (
-            isinstance(shape, list)
-            and len(shape) <= 32
-            and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
-        ):
-            raise self.fail((*path, "shape"), f"{shape!r} is not a shape (a list of sizes).")
-        self._shapes[issubclass(cls, nnx.RngState)].append((path, tuple(shape)))
-        if ("dtype" in data) == ("key_impl" in data):
-            raise self.fail(path, "a variable entry needs exactly one of dtype and key_impl.")
-        if "dtype" in data:
-            self._dtype(data["dtype"], (*path, "dtype"))
-        elif data["key_impl"] not in _KEY_IMPLS:
-            raise self.fail((*path, "key_impl"), f"{data['key_impl']!r} is not a JAX key type.")
-        self._check_plain(data["metadata"], (*path, "metadata"), depth + 1)
-
-    def _check_plain(self, data: Any, path: tuple, depth: int) -> None:
-        """Variable metadata: plain data only (no functions, classes or hooks)."""
-        if depth > MAX_DEPTH:
-            raise self.fail(path, f"it is nested deeper than {MAX_DEPTH} levels.")
-        if isinstance(data, list):
-            for i, v in enumerate(data):
-                self._check_plain(v, (*path, i), depth + 1)
-            return
-        if not isinstance(data, dict):
-            self.check(data, path, depth, None)
-            return
-        kind = data.get(TAG)
-        if kind in ("float", "dtype"):
-            self.check(data, path, depth, None)
-            return
-        if kind is None:
-            pairs = [[k, v] for k, v in data.items()]
-        elif kind in ("tuple", "dict", "frozendict") and set(data) == {TAG, "items"}:
-            pairs = data["items"] if kind != "tuple" else [[None, v] for v in data["items"]]
-            if not isinstance(pairs, list):
-                raise self.fail(path, "items must be a list.")
-        else:
-            raise self.fail(path, f"variable metadata holds only plain data, not {kind!r}.")
-        for i, pair in enumerate(pairs):
-            if not (isinstance(pair, list) and len(pair) == 2):
-                raise self.fail((*path, "items", i), "not a [key, value] pair.")
-            if pair[0] in _HOOK_KEYS:
-                raise self.fail((*path, "items", i), f"variable hooks ({pair[0]}) are not loaded.")
-            self._check_plain(pair[0], (*path, "items", i, 0), depth + 1)
-            self._check_plain(pair[1], (*path, "items", i, 1), depth + 1)
-
     def _check_config(self, data, path, depth, declared) -> None:
         expected = config_type(declared)
         if expected is None:
@@ -749,37 +641,33 @@ class Decoder:
                 "a config object may only be the value of a field whose class declares its "
                 "type, and this one declares none (the file may have been tampered with).",
             )
-        cls = self._class(data, path, (expected,), f"a {expected.__qualname__} config")
-        self._instantiated(cls)
+        cls = self.check_class(data, path, (expected,), f"a {expected.__qualname__} config")
+        self.instantiated(cls)
         if ("fields" in data) == ("dict" in data):
             raise self.fail(path, "a config entry needs exactly one of fields and dict.")
         if "fields" in data:
             if not dataclasses.is_dataclass(cls) or not isinstance(data["fields"], dict):
                 raise self.fail(path, f"{cls.__qualname__} is not a dataclass with fields.")
-            self._check_fields(cls, data["fields"], (*path, "fields"), depth)
+            self.check_fields(cls, data["fields"], (*path, "fields"), depth)
         else:
             if not callable(getattr(cls, "from_dict", None)):
                 raise self.fail(path, f"{cls.__qualname__} has no from_dict.")
             self.check(data["dict"], (*path, "dict"), depth + 1, None)
 
     def _check_class(self, data, path, depth, declared) -> None:
-        from flax import nnx
+        self.check_class(data, path, self._class_bases, "a Flax module or Variable class")
 
-        self._class(
-            data, path, (*module_classes(), nnx.Variable), "a Flax module or Variable class"
-        )
-
-    def _dtype(self, name: Any, path: tuple) -> Any:
+    def dtype(self, name: Any, path: tuple) -> Any:
         try:
             return _trust.dtype_from_name(name)
         except Refused as e:
             raise self.fail(path, str(e)) from None
 
     def _check_dtype(self, data, path, depth, declared) -> None:
-        self._dtype(data["name"], (*path, "name"))
+        self.dtype(data["name"], (*path, "name"))
 
     def _check_scalar(self, data, path, depth, declared) -> None:
-        dtype = self._dtype(data["dtype"], (*path, "dtype"))
+        dtype = self.dtype(data["dtype"], (*path, "dtype"))
         value = data["value"]
         if dtype.kind == "c":
             ok = isinstance(value, list) and len(value) == 2
@@ -846,9 +734,12 @@ class Decoder:
         kind = data.get(TAG)
         if kind is None:
             return {k: self.value(v, (*path, k)) for k, v in data.items()}
+        if kind in self._owners:
+            return self._owners[kind].decode(data, path)
         return getattr(self, f"_decode_{kind}")(data, path)
 
-    def _construct(self, path: tuple, build: Callable[[], Any], what: str) -> Any:
+    def construct(self, path: tuple, build: Callable[[], Any], what: str) -> Any:
+        """`build()`, with what the class's own code raises reported at `path`."""
         try:
             return build()
         except SerializationError:
@@ -860,12 +751,12 @@ class Decoder:
         return float(data["value"])
 
     def _decode_scalar(self, data, path):
-        dtype = self._dtype(data["dtype"], path)
+        dtype = self.dtype(data["dtype"], path)
         value = complex(*data["value"]) if dtype.kind == "c" else data["value"]
-        return self._construct(path, lambda: dtype.type(value), f"a {dtype} scalar")
+        return self.construct(path, lambda: dtype.type(value), f"a {dtype} scalar")
 
     def _decode_dtype(self, data, path):
-        return self._dtype(data["name"], path)
+        return self.dtype(data["name"], path)
 
     def _decode_class(self, data, path):
         return self._classes[id(data)]
@@ -897,67 +788,18 @@ class Decoder:
         }
         return functools.partial(func, *args, **keywords)
 
-    def _fields_of(self, data: dict, path: tuple) -> dict:
+    def fields_of(self, data: dict, path: tuple) -> dict:
         return {k: self.value(v, (*path, "fields", k)) for k, v in data.get("fields", {}).items()}
-
-    def _decode_module(self, data, path):
-        cls = self._classes[id(data)]
-        if "custom_config" in data:
-            config = data["custom_config"]
-            return self._construct(
-                path, lambda: cls.from_config(config), f"{cls.__name__}.from_config"
-            )
-        fields = self._fields_of(data, path)
-        return self._construct(path, lambda: cls(**fields), f"constructing {cls.__name__}")
 
     def _decode_config(self, data, path):
         cls = self._classes[id(data)]
         if "fields" in data:
-            fields = self._fields_of(data, path)
-            return self._construct(path, lambda: cls(**fields), f"constructing {cls.__name__}")
+            fields = self.fields_of(data, path)
+            return self.construct(path, lambda: cls(**fields), f"constructing {cls.__name__}")
         values = self.value(data["dict"], (*path, "dict"))
         if not isinstance(values, dict):
             raise self.fail((*path, "dict"), "a config's dict must be a mapping.")
-        return self._construct(path, lambda: cls.from_dict(values), f"{cls.__name__}.from_dict")
-
-    def _decode_nnx_node(self, data, path):
-        from flax.nnx import graphlib, pytreelib
-
-        cls = self._classes[id(data)]
-        # As NNX itself rebuilds a node in nnx.merge: no __init__, attributes set directly.
-        node = object.__new__(cls)
-        self._nodes[data["id"]] = node
-        object.__setattr__(node, "_pytree__state", pytreelib.PytreeState())
-        if data.get("data") is not None:
-            object.__setattr__(node, "_pytree__nodes", graphlib.HashableMapping(data["data"]))
-        for name, value in data["attributes"].items():
-            object.__setattr__(node, name, self.value(value, (*path, "attributes", name)))
-        return node
-
-    def _decode_nnx_ref(self, data, path):
-        return self._nodes[data["id"]]
-
-    def _decode_nnx_variable(self, data, path):
-        import jax
-
-        cls = self._classes[id(data)]
-        shape = tuple(data["shape"])
-        if "key_impl" in data:
-            impl = data["key_impl"]
-            value = jax.eval_shape(
-                lambda: (
-                    jax.random.split(jax.random.key(0, impl=impl), shape)
-                    if shape
-                    else jax.random.key(0, impl=impl)
-                )
-            )
-        else:
-            # Abstract: the weights file holds the values, checked against this shape.
-            value = jax.ShapeDtypeStruct(shape, self._dtype(data["dtype"], path))
-        metadata = self.value(data["metadata"], (*path, "metadata"))
-        return self._construct(
-            path, lambda: cls.from_metadata(value, metadata), f"an NNX {cls.__name__}"
-        )
+        return self.construct(path, lambda: cls.from_dict(values), f"{cls.__name__}.from_dict")
 
     def _decode_function(self, data, path, *, numerical: bool = True):
         if "registered" in data:
@@ -1033,7 +875,7 @@ class Decoder:
                 "called while loading; the file may have been tampered with.",
             )
         kwargs = {k: self.value(v, (*path, "kwargs", k)) for k, v in data.get("kwargs", {}).items()}
-        made = self._construct(path, lambda: factory(**kwargs), f"{ref['qualname']}(...)")
+        made = self.construct(path, lambda: factory(**kwargs), f"{ref['qualname']}(...)")
         if not callable(made):
             raise self.fail(path, f"{ref['qualname']}(...) did not make an initializer.")
         return made

@@ -132,7 +132,7 @@ def _backward(ctx, grads):
         else:
             cotangents.append(to_jax(g.to(_torch_dtype(dtype)), call.owner))
     g_params, g_inputs = call.bwd(ctx.vjp, call.out_def.unflatten(cotangents))
-    grads_p = [to_torch(g) for g in g_params]
+    grads_p = [to_torch(g) if _is_float(g.dtype) else None for g in g_params]
     grads_x = [to_torch(g) if _is_float(g.dtype) else None for g in jax.tree.leaves(g_inputs)]
     return (None, *grads_p, *([None] * call.n_state), *grads_x)
 
