@@ -303,9 +303,9 @@ class FineTuning:
             base = core.param_vars[index]
             q, scale = quantize_int8(jax_copy(base.value))
             transform = Int8(keras.backend.standardize_dtype(base.dtype))
-            scale = np.asarray(scale, transform.dtype)
+            scales = np.asarray(scale, transform.dtype)
             self._replace_param(index, q)
-            self._add_extra(index, transform, [scale], [_struct(scale)], trainable=False)
+            self._add_extra(index, transform, [scales], [_struct(scales)], trainable=False)
         self._compile_program()
 
     # ----------------------------------------------------------------------- config replay
