@@ -76,6 +76,8 @@ def test_layers_keep_their_variable_tracker():
     for name in ("lock", "unlock", "locked"):
         assert hasattr(layer._tracker, name), "update _compat.unlocked_tracker"
     assert callable(layer._untrack_variable), "update _compat.untrack_variable"
+    tracked = layer._trainable_variables + layer._non_trainable_variables
+    assert [v.path for v in tracked] == ["dense/kernel", "dense/bias"], "update tracked_variables"
 
 
 def test_compat_imports_every_private_name_it_lists():

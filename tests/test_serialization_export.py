@@ -57,3 +57,46 @@ def test_export_tf_saved_model_matches_keras(make, tmp_path):
         np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
         # Inference mode in the export: dropout off, so repeated calls agree.
         np.testing.assert_array_equal(reloaded.serve(tf.constant(x)).numpy(), got)
+
+
+def _xla_call_module_platforms(concrete_function) -> list[list[bytes]]:
+    found = []
+
+    def walk(graph):
+        found.extend(
+            list(op.get_attr("platforms"))
+            for op in graph.get_operations()
+            if op.type == "XlaCallModule"
+        )
+        for inner in graph._functions.values():
+            if hasattr(inner, "graph"):
+                walk(inner.graph)
+
+    walk(concrete_function.graph)
+    return found
+
+
+def test_exported_saved_model_lists_every_requested_platform(tmp_path):
+    """A SavedModel exported on this CPU machine for ("cpu", "cuda") also serves on a GPU:
+    from TensorFlow through the layer's `native_serialization_platforms`, from JAX through
+    Keras's own `export(..., jax2tf_kwargs=...)`."""
+    backend = keras.backend.backend()
+    if backend == "torch":
+        pytest.skip("a SavedModel is exported from the JAX and TensorFlow backends")
+    tf = pytest.importorskip("tensorflow")
+    platforms = ("cpu", "cuda")
+    layer_kwargs = {"native_serialization_platforms": platforms} if backend != "jax" else {}
+    layer = FlaxLayer(sm.Block(), **layer_kwargs)
+    model = _fitted(keras.Sequential([keras.Input((5,)), layer]), out_dim=4)
+    export_kwargs = (
+        {"jax2tf_kwargs": {"native_serialization_platforms": platforms}} if backend == "jax" else {}
+    )
+    path = str(tmp_path / "served")
+    model.export(path, format="tf_saved_model", verbose=False, **export_kwargs)
+    served = tf.saved_model.load(path)
+    x = np.random.default_rng(1).normal(size=(3, 5)).astype("float32")
+    np.testing.assert_allclose(served.serve(x), model.predict(x, verbose=0), atol=1e-5)
+    found = _xla_call_module_platforms(
+        served.serve.get_concrete_function(tf.TensorSpec((None, 5), tf.float32))
+    )
+    assert found and all(p == [b"CPU", b"CUDA"] for p in found), found

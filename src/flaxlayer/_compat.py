@@ -40,6 +40,7 @@ __all__ = [
     "pytree_state",
     "replace_variable_value",
     "serialize_portable",
+    "tracked_variables",
     "unlocked_tracker",
     "untrack_variable",
 ]
@@ -68,6 +69,11 @@ def unlocked_tracker(layer: Any) -> Iterator[None]:
     finally:
         if locked:
             layer._tracker.lock()
+
+
+def tracked_variables(layer: Any) -> list:
+    """A layer's own variables in the order Keras tracks them (trainable ones first)."""
+    return layer._trainable_variables + layer._non_trainable_variables
 
 
 def untrack_variable(layer: Any, variable: Any) -> None:

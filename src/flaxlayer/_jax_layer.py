@@ -104,6 +104,8 @@ class _Core:
         # a loaded config's `finetune` entry, replayed once the module's variables exist.
         self.extras: list[Extra] = []
         self.finetune: Any = None
+        # Where the stored params and the state are in the layer's tracked variables.
+        self.positions: tuple[tuple[int, ...], tuple[int, ...]] = ((), ())
 
     @property
     def extra_vars(self) -> list:
@@ -294,6 +296,11 @@ class JaxLayer(FineTuning, keras.layers.Layer):
             for v in core.state_vars
         ]
         transforms = applied(core.extras, len(core.param_vars))
+        where = {id(v): i for i, v in enumerate(_compat.tracked_variables(self))}
+        core.positions = (
+            tuple(where[id(v)] for v in core.stored_params),
+            tuple(where[id(v)] for v in core.state_vars),
+        )
         core.written = {}
         core.pure = make_pure(
             core.adapter,
@@ -453,15 +460,20 @@ class JaxLayer(FineTuning, keras.layers.Layer):
         written = core.written.get(training)
         if written is None:
             written = core.written[training] = core.learn_written(training)
+        # The variables as the layer tracks them now: in Keras's NNX mode, `nnx.jit` and
+        # `nnx.grad` hand the layer new Variable objects in the same places.
+        tracked = _compat.tracked_variables(self)
+        params_at, state_at = core.positions
+        state_vars = [tracked[i] for i in state_at]
         outputs, new_state, loss = core.run(
-            [v.value for v in core.stored_params],
-            [v.value for v in core.state_vars],
+            [tracked[i].value for i in params_at],
+            [v.value for v in state_vars],
             rng,
             inputs,
             training=training,
         )
         for index, value in zip(written, new_state, strict=True):
-            core.state_vars[index].assign(value)
+            state_vars[index].assign(value)
         if core.has_loss[training]:
             self.add_loss(loss)
         return outputs
@@ -548,28 +560,24 @@ class JaxLayer(FineTuning, keras.layers.Layer):
 
     def _trees_for_config(self) -> tuple[Any, Any]:
         core = self._core
-        if self.built:
-            params = list(core.param_vars)
-            for extra in core.extras:  # a quantized leaf is a float param of the module
-                if isinstance(extra.transform, Int8):
-                    params[extra.index] = jax.ShapeDtypeStruct(
-                        tuple(params[extra.index].shape), extra.transform.dtype
-                    )
-            trees = (
-                core.params_layout.unflatten(params),
-                core.state_layout.unflatten(core.state_vars),
-            )
-        else:
+        if not self.built:
             trees = core.initial or (None, None)
-
-        def specs(tree: Any) -> Any:
-            if tree is None:
-                return None
-            return jax.tree.map(
-                lambda x: Leaf(np.shape(x), dtype_name(x)) if hasattr(x, "dtype") else x, tree
+            return tuple(  # type: ignore[return-value]
+                None
+                if tree is None
+                else jax.tree.map(
+                    lambda x: Leaf(np.shape(x), dtype_name(x)) if hasattr(x, "dtype") else x, tree
+                )
+                for tree in trees
             )
-
-        return specs(trees[0]), specs(trees[1])
+        # From the variables themselves, never mapped over as pytrees (in Keras's NNX mode a
+        # variable is a pytree node).
+        params = [Leaf(tuple(v.shape), dtype_name(v)) for v in core.param_vars]
+        for extra in core.extras:  # a quantized leaf is a float param of the module
+            if isinstance(extra.transform, Int8):
+                params[extra.index] = Leaf(params[extra.index].shape, extra.transform.dtype)
+        state = [Leaf(tuple(v.shape), dtype_name(v)) for v in core.state_vars]
+        return core.params_layout.unflatten(params), core.state_layout.unflatten(state)
 
     @classmethod
     def from_config(cls, config: dict) -> "JaxLayer":
