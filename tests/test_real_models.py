@@ -439,3 +439,33 @@ def test_lm_decode_cache_one_token_per_call_matches_pure_flax(corpus):
     for t in range(length):
         out = _np(model.predict(steps[:, t : t + 1], batch_size=batch, verbose=0))
         np.testing.assert_allclose(out, expected[t], atol=ATOL, err_msg=f"predict, step {t}")
+
+
+@pytest.mark.parametrize("name", ["resnet", "nnx_gpt", "hf_bert"])
+def test_lora_on_a_model_written_as_its_library_writes_it(name):
+    """LoRA with the default selection on unchanged real-world code (a Flax-example ResNet, an
+    NNX GPT, Hugging Face's Flax BERT): outputs unchanged at first, only the adapters (and the
+    non-kernel params) train, and pure Flax reproduces the result from `flax_variables`."""
+    _skip_unavailable(name)
+    case = BUILDERS[name]()
+    layer = case.layer
+
+    def predict():
+        return _np(case.model.predict(case.x, batch_size=BATCH, verbose=0))
+
+    before = predict()
+    layer.enable_lora(2)
+    kernels = {w.path: _np(w).copy() for w in layer.weights if w.path.endswith("kernel")}
+    adapters = [w for w in layer.trainable_weights if "/lora/" in w.path]
+    assert adapters and not set(kernels) & {w.path for w in layer.trainable_weights}
+    np.testing.assert_array_equal(
+        _np(case.model.predict(case.x, batch_size=BATCH, verbose=0)), before
+    )
+    case.model.compile(optimizer=keras.optimizers.Adam(1e-2), loss=case.loss)
+    case.model.fit(case.x, case.y, batch_size=BATCH, epochs=1, verbose=0)
+    for w in layer.weights:
+        if w.path in kernels:
+            np.testing.assert_array_equal(_np(w), kernels[w.path], err_msg=w.path)
+    assert any(not np.allclose(_np(w), 0) for w in adapters if w.path.endswith("/b"))
+    tuned = predict()
+    np.testing.assert_allclose(_np(case.pure_flax(layer, case.x)), tuned, atol=ATOL, rtol=ATOL)

@@ -62,7 +62,6 @@ class FineTuning:
     name: str
     _owner_name: Callable[[], str]
     _compile_program: Callable[[], None]
-    _values: Callable[[], tuple[Any, Any]]
 
     # ------------------------------------------------------------------------------ freezing
 
@@ -179,12 +178,12 @@ class FineTuning:
             isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and math.isfinite(alpha)
         ):
             raise ValueError(f"{owner}: `alpha` must be a finite number; got {alpha!r}.")
-        chosen = self._select(paths, self._param_paths(), "enable_lora", "paths", min_side=rank)
+        all_paths = self._param_paths()
+        chosen = self._select(paths, all_paths, "enable_lora", "paths", min_side=rank)
         transform = LoRA(rank, float(rank if alpha is None else alpha))
-        indices = [self._kernel_index(path, "enable_lora", rank=rank) for path in chosen]
-        lora = {e.index for e in self._core.extras if isinstance(e.transform, LoRA)}
+        indices = [self._kernel_index(all_paths, p, "enable_lora", rank=rank) for p in chosen]
         for path, index in zip(chosen, indices, strict=True):
-            if index in lora:
+            if self._on(index, LoRA) is not None:
                 raise ValueError(
                     f"{owner}: LoRA is already enabled on {path!r} (enable_lora can be called "
                     "once per kernel). Call layer.merge_lora() first to start new adapters."
@@ -234,7 +233,7 @@ class FineTuning:
             value = e.transform.apply(value, [jax_copy(v.value) for v in e.variables])
             if e is extra:
                 break
-        int8 = next((e for e in chain if isinstance(e.transform, Int8)), None)
+        int8 = self._on(extra.index, Int8)
         if int8 is None:
             base.assign(np.asarray(value))
         else:
@@ -291,11 +290,12 @@ class FineTuning:
                 f"got mode={mode!r}" + ("" if config is None else f" and config {config!r}")
             )
         self._check_built_for("quantize")
-        chosen = self._select(paths, self._param_paths(), "quantize", "paths")
-        indices = [self._kernel_index(path, "quantize") for path in chosen]
+        all_paths = self._param_paths()
+        chosen = self._select(paths, all_paths, "quantize", "paths")
+        indices = [self._kernel_index(all_paths, p, "quantize") for p in chosen]
         core = self._core
         for path, index in zip(chosen, indices, strict=True):
-            if any(e.index == index and isinstance(e.transform, Int8) for e in core.extras):
+            if self._on(index, Int8) is not None:
                 raise ValueError(f"{owner}: {path!r} is already quantized to int8.")
         for index in indices:
             for extra in [e for e in core.extras if e.index == index]:
@@ -391,13 +391,25 @@ class FineTuning:
             )
         return chosen
 
-    def _kernel_index(self, path: str, what: str, rank: int | None = None) -> int:
-        """The module param at `path`, which must be a float array of rank >= 2."""
-        core = self._core
-        index = self._param_paths().index(path)
-        variable = core.param_vars[index]
-        int8 = [e.transform for e in core.extras if e.index == index]
-        seen = int8[0].dtype if int8 and isinstance(int8[0], Int8) else variable.dtype
+    def _on(self, index: int, kind: type[Transform]) -> Extra | None:
+        """The transform of type `kind` on module param `index`, if there is one."""
+        return next(
+            (e for e in self._core.extras if e.index == index and isinstance(e.transform, kind)),
+            None,
+        )
+
+    def _module_dtype(self, index: int) -> str:
+        """The dtype module param `index` has as the module sees it (an int8 kernel's float)."""
+        int8 = self._on(index, Int8)
+        if int8 is not None:
+            return int8.transform.dtype  # type: ignore[attr-defined]
+        return keras.backend.standardize_dtype(self._core.param_vars[index].dtype)
+
+    def _kernel_index(self, paths: list[str], path: str, what: str, rank: int | None = None) -> int:
+        """The module param at `path` (one of `paths`): a float array of rank >= 2."""
+        index = paths.index(path)
+        variable = self._core.param_vars[index]
+        seen = self._module_dtype(index)
         if len(variable.shape) < 2 or not is_float_dtype(seen):
             raise ValueError(
                 f"{self._owner_name()}: {what}: {path!r} has shape {tuple(variable.shape)} and "
@@ -454,7 +466,7 @@ class FineTuning:
             if isinstance(extra.transform, Int8):
                 q, scale = quantize_int8(params[extra.index])
                 params[extra.index] = np.asarray(q)
-                values.append(np.asarray(scale))
+                values.append(np.asarray(scale, extra.transform.dtype))
             else:
                 a, b = (tuple(v.shape) for v in extra.variables)
                 values += [

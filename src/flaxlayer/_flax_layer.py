@@ -115,7 +115,7 @@ class FlaxLayer(JaxLayer):
         trust), and warns when a class is defined in `__main__`.
         """
         config = JaxLayer.get_config(self)
-        for key in ("call_fn", "init_fn", "params", "state"):
+        for key in ("call_fn", "init_fn"):
             config.pop(key, None)
         module = self.module
         encoder = Encoder(self._owner_name(), CODECS)

@@ -53,7 +53,7 @@ from flaxlayer._specs import (
     spec_to_config,
     structs,
 )
-from flaxlayer._transforms import Int8, module_params
+from flaxlayer._transforms import module_params
 from flaxlayer._types import PyTree
 from flaxlayer._variables import (
     TreeLayout,
@@ -549,7 +549,7 @@ class JaxLayer(FineTuning, keras.layers.Layer):
         finetune = self._finetune_config() if self.built else None
         if finetune is not None:
             config["finetune"] = finetune
-        if self.init_fn is None:
+        if self.init_fn is None and isinstance(self._core.adapter, FunctionAdapter):
             # Nothing can re-create the params: record their shapes, the weights file the values.
             params, state = self._trees_for_config()
             config.update(
@@ -572,10 +572,9 @@ class JaxLayer(FineTuning, keras.layers.Layer):
             )
         # From the variables themselves, never mapped over as pytrees (in Keras's NNX mode a
         # variable is a pytree node).
-        params = [Leaf(tuple(v.shape), dtype_name(v)) for v in core.param_vars]
-        for extra in core.extras:  # a quantized leaf is a float param of the module
-            if isinstance(extra.transform, Int8):
-                params[extra.index] = Leaf(params[extra.index].shape, extra.transform.dtype)
+        params = [  # as the module sees them: an int8 kernel is a float param
+            Leaf(tuple(v.shape), self._module_dtype(i)) for i, v in enumerate(core.param_vars)
+        ]
         state = [Leaf(tuple(v.shape), dtype_name(v)) for v in core.state_vars]
         return core.params_layout.unflatten(params), core.state_layout.unflatten(state)
 
