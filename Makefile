@@ -16,7 +16,7 @@ DEMO_STAMP := $(VENV)/.installed-demo
 # torch is installed alone first, pinned: this version is a CPU wheel on local disk; any other
 # one pulls a multi-GB CUDA build.
 TORCH := torch==2.13.0
-EXTRAS := dev,tensorflow,torch,docs,hf,demo
+EXTRAS := dev,tensorflow,torch,docs,hf,demo,onnx,litert,openvino
 
 # Keras backends the tests run under, each in its own pytest process.
 BACKENDS ?= jax tensorflow torch

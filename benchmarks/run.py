@@ -46,6 +46,7 @@ writes nothing unless --output is given.
 import argparse
 import contextlib
 import datetime
+import itertools
 import json
 import os
 import platform
@@ -57,7 +58,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import build_memory  # benchmarks/ is on sys.path: run.py runs as a script
@@ -207,67 +208,35 @@ class Item:
     seconds: list = field(default_factory=list)
 
 
-def _median(xs):
-    return statistics.median(xs)
-
-
-def _per_repeat(a: Item, b: Item) -> list[float]:
-    """Ratios within each repeat: a's seconds / b's (b's throughput / a's)."""
-    return [x / y for x, y in zip(a.seconds, b.seconds, strict=True)]
-
-
 @dataclass
 class Stat:
+    """A figure over the repeats: its median and min-max range."""
+
     median: float
     low: float
     high: float
 
     @classmethod
     def of(cls, xs: list[float]) -> "Stat":
-        return cls(_median(xs), min(xs), max(xs))
+        return cls(statistics.median(xs), min(xs), max(xs))
 
     def fmt(self, spec: str = ".2f", unit: str = "") -> str:
-        return (
-            f"{self.median:{spec}}{unit} ({self.low:{spec}}-{self.high:{spec}})"
-            if self.low != self.high
-            else f"{self.median:{spec}}{unit}"
-        )
-
-
-@dataclass
-class Target:
-    name: str
-    stat: Stat
-    limit: float
-    at_most: bool  # True: value <= limit; False: value >= limit
-    tolerance: float = 0.0
-
-    @property
-    def verdict(self) -> str:
-        v, lim = self.stat.median, self.limit
-        strict = v <= lim if self.at_most else v >= lim
-        if strict:
-            return "PASS"
-        loose = v <= lim * (1 + self.tolerance) if self.at_most else v >= lim * (1 - self.tolerance)
-        return "PASS (within noise)" if loose else "FAIL"
-
-    @property
-    def passed(self) -> bool:
-        return self.verdict != "FAIL"
-
-    def row(self) -> str:
-        op = "<=" if self.at_most else ">="
-        spec = ".3f" if abs(self.stat.median - self.limit) < 0.01 else ".2f"
-        return f"| {self.name} | {self.stat.fmt(spec)}x | {op} {self.limit:g}x | {self.verdict} |"
+        """The median, the min-max range where it is not a single value, then `unit`."""
+        text = f"{self.median:{spec}}"
+        if self.low != self.high:
+            text += f" ({self.low:{spec}}-{self.high:{spec}})"
+        return text + unit
 
 
 # ------------------------------------------------------------------------------- measurement
 
 
+def _eager_variants(batch: int) -> tuple:
+    return EAGER_VARIANTS + (EAGER_EXTRA if batch == EAGER_TARGET_BATCH else ())
+
+
 def _setup_items(workers: dict, config: dict, sections: set) -> tuple[list, dict]:
-    items: list[Item] = []
-    checks: dict = {}
-    versions: dict = {}
+    items, checks, versions = [], {}, {}
 
     def setup(backend, group, key, params, variants):
         t0 = time.perf_counter()
@@ -279,12 +248,9 @@ def _setup_items(workers: dict, config: dict, sections: set) -> tuple[list, dict
         versions[backend] = reply["versions"]
         items.extend(Item(backend, key, v) for v in variants)
 
-    def fit_params(workload):
-        return {**config["fit"][workload], "workload": workload}
-
     if "fit" in sections:
-        for workload in config["fit"]:
-            setup("jax", "fit", f"fit/{workload}", fit_params(workload), FIT_VARIANTS)
+        for workload, params in config["fit"].items():
+            setup("jax", "fit", f"fit/{workload}", {**params, "workload": workload}, FIT_VARIANTS)
     if "backends" in sections:
         params = {**config["backends"], "workload": "cnn"}
         eager = {"batch": EAGER_TARGET_BATCH, "budget": config["eager_budget"]}
@@ -294,9 +260,8 @@ def _setup_items(workers: dict, config: dict, sections: set) -> tuple[list, dict
             setup(backend, "eager", "backend/eager", eager, variants)
     if "eager" in sections:
         for batch in config["eager_batches"]:
-            variants = EAGER_VARIANTS + (EAGER_EXTRA if batch == EAGER_TARGET_BATCH else ())
             params = {"batch": batch, "budget": config["eager_budget"]}
-            setup("jax", "eager", f"eager/b{batch}", params, variants)
+            setup("jax", "eager", f"eager/b{batch}", params, _eager_variants(batch))
     return items, {"checks": checks, "versions": versions}
 
 
@@ -326,14 +291,7 @@ def _measure_builds(config: dict) -> dict:
     return runs
 
 
-# ------------------------------------------------------------------------------------ report
-
-
-def _find(items: list[Item], backend: str, key: str, variant: str) -> Item | None:
-    for item in items:
-        if (item.backend, item.key, item.variant) == (backend, key, variant):
-            return item
-    return None
+# -------------------------------------------------------------------------- results tables
 
 
 def _variant_label(variant: str) -> str:
@@ -345,221 +303,239 @@ def _variant_label(variant: str) -> str:
     return f"{LABELS[kind]} {'layer(x)' if what == 'call' else 'predict_on_batch'}"
 
 
-# ---------------------------------------------------------------------------------- goals
-
 #: A measured quantity: timed items as (backend, key, variant), each build of a case as
 #: ("build", case, "seconds" or "peak"), or a constant.
 Measure = tuple[str, str, str] | float
 
 
-@dataclass(frozen=True)
-class Goal:
-    """One row of the goals table: `numerator / denominator` (per repeat) against `limit`."""
-
-    name: str
-    section: str
-    numerator: Measure
-    denominator: Measure
-    limit: float
-    at_most: bool  # True: the ratio must be <= limit; False: >= limit
-    tolerance: float = 0.0
-
-
-def goals(config: dict, sections: set) -> list[Goal]:
-    """The performance goals (from the performance issue), as data. Ratios of seconds: a
-    throughput goal ("ours / keras >= 1x") divides the reference's seconds by ours."""
-    b, apply_jit = EAGER_TARGET_BATCH, "vs jax.jit(module.apply)"
-    eager, others = f"eager/b{b}", BACKENDS[1:]
-    # fmt: off
-    optax_goal = {("cnn", "1"): [
-        ("T2 fit cnn, steps_per_execution=1: ours / jitted Optax step", "fit",
-         ("jax", "fit/cnn", "optax/step"), ("jax", "fit/cnn", "ours/spe1"), OPTAX_TARGET, False,
-         0.0),
-    ]}
-    table = [
-        # name, section, numerator, denominator, limit, at_most, tolerance
-        *[(f"T1 eager {_variant_label(v)}, batch {b}: {apply_jit}", "eager",
-           ("jax", eager, v), ("jax", eager, "apply/jit"), EAGER_TARGET, True, 0.0)
-          for v in ("ours/call", "nnx/call", "jaxlayer/call")],
-        *[(f"T1 eager flaxlayer.FlaxLayer layer(x), batch {b}, {be} backend: {apply_jit}",
-           "backends", (be, "backend/eager", "ours/call"), ("jax", "backend/eager", "apply/jit"),
-           EAGER_TARGET, True, 0.0) for be in others],
-        *[row for w in config["fit"] for spe in ("1", "32") for row in [
-            (f"T2 fit {w}, steps_per_execution={spe}: ours / keras", "fit",
-             ("jax", f"fit/{w}", f"keras/spe{spe}"), ("jax", f"fit/{w}", f"ours/spe{spe}"),
-             1.0, False, NOISE),
-            *optax_goal.get((w, spe), []),
-        ]],
-        ("T3 build peak memory / param bytes", "build", ("build", "flaxlayer", "peak"),
-         float(build_memory.PARAM_BYTES), MEMORY_TARGET, True, 0.0),
-        ("T3 build time / plain module.init", "build", ("build", "flaxlayer", "seconds"),
-         ("build", "init", "seconds"), 1.0, True, NOISE),
-        *[(f"T4 fit cnn step time, {be} / jax", "backends", (be, "backend/cnn", "ours/spe1"),
-           ("jax", "backend/cnn", "ours/spe1"), BACKEND_TARGET, True, 0.0) for be in others],
-    ]
-    # fmt: on
-    return [Goal(*row) for row in table if row[1] in sections]
-
-
-def _values(measure: Measure, items: list[Item], builds: dict) -> list[float]:
-    if isinstance(measure, float):
-        return []
+def _values(measure: Measure, items: list[Item], builds: dict):
+    """A measure's value in each repeat (a constant's: the same in every repeat)."""
+    if not isinstance(measure, tuple):
+        return itertools.repeat(measure)
     source, key, what = measure
     if source == "build":
         return [run[what] for run in builds[key]]
-    return _find(items, source, key, what).seconds
+    return next(i.seconds for i in items if (i.backend, i.key, i.variant) == measure)
 
 
-def evaluate_goals(table: list[Goal], items: list[Item], builds: dict) -> list[Target]:
-    """Each goal's per-repeat ratio, summarised, as a Target (the one generic writer)."""
-    targets = []
-    for goal in table:
-        num = _values(goal.numerator, items, builds)
-        den = _values(goal.denominator, items, builds)
-        if isinstance(goal.denominator, float):
-            ratios = [x / goal.denominator for x in num]
-        else:
-            ratios = [x / y for x, y in zip(num, den, strict=False)]  # builds: paired by repeat
-        targets.append(Target(goal.name, Stat.of(ratios), goal.limit, goal.at_most, goal.tolerance))
-    return targets
+def _ratios(numerator: Measure, denominator: Measure, items, builds, scale: float = 1) -> list:
+    """`scale * numerator / denominator` in each repeat (builds: paired by repeat)."""
+    num, den = _values(numerator, items, builds), _values(denominator, items, builds)
+    return [scale * x / y for x, y in zip(num, den, strict=False)]
+
+
+@dataclass(frozen=True)
+class Column:
+    """A results table's column: its header and alignment, and how its figures are shown."""
+
+    header: str
+    spec: str = ".2f"  # a figure's format, followed by `unit`
+    unit: str = "x"
+    scale: float = 1  # 1000: seconds to milliseconds
+    chart: bool = False  # the chart draws this column's figures
+    align: str = "---:"  # aligned right; LABEL: left
+
+
+LABEL = "---"
+# The report's tables as data: their columns. `table_rows` gives the results tables' rows, one
+# cell per column ("backends eager" is the backends section's second table).
+# fmt: off
+GOAL_COLUMNS = (Column("target", align=LABEL), Column("measured (median, min-max)"),
+                Column("goal"), Column("verdict", align=LABEL))
+TABLES = {
+    "fit": (Column("workload", align=LABEL), Column("variant", align=LABEL),
+            Column("samples/s", ".0f", unit=""),
+            Column("vs jitted Optax step", chart=True),
+            Column("ours / keras")),
+    "eager": (Column("batch"), Column("variant", align=LABEL),
+              Column("latency (ms)", ".3f", unit="", scale=1000, chart=True),
+              Column("vs jax.jit(module.apply)"),
+              Column("keras / ours", ".1f")),
+    "build": (Column("build", align=LABEL),
+              Column("peak memory (x param bytes)", ".3f", chart=True),
+              Column("time (s)", ".1f", unit=""),
+              Column("time vs plain module.init", chart=True)),
+    "backends": (Column("backend", align=LABEL),
+                 Column("flaxlayer.FlaxLayer step (ms)", unit="", scale=1000),
+                 Column("vs JAX", chart=True),
+                 Column("the CNN in Keras layers step (ms)", unit="", scale=1000),
+                 Column("vs JAX", chart=True),
+                 Column("flaxlayer / Keras layers")),
+    "backends eager": (Column("backend", align=LABEL),
+                       Column("flaxlayer.FlaxLayer layer(x) (ms)", ".3f", unit="", scale=1000),
+                       Column("vs jax.jit(module.apply)", chart=True)),
+}
+# fmt: on
+
+
+def _section(table: str) -> str:
+    """The section a table of TABLES belongs to: its name's first word."""
+    return table.split()[0]
+
+
+def _jax_cells(key: str, variant: str, reference: str) -> tuple:
+    """A JAX-worker variant, its reference, and the cell keras / ours (for ours only)."""
+    item, keras = ("jax", key, variant), ("jax", key, variant.replace("ours", "keras"))
+    return item, ("jax", key, reference), (keras, item) if variant.startswith("ours/") else None
+
+
+def table_rows(config: dict) -> dict[str, dict]:
+    """The rows of every table in TABLES, by row key, each one cell per column (see
+    `results_table`). Pure data, measured nothing: the goals are cells of these rows."""
+    rows: dict = {table: {} for table in TABLES}
+    for w, params in config["fit"].items():
+        label, samples = workloads_label(w, params), params["n"] * params["epochs"]
+        for v in FIT_VARIANTS:
+            item, ref, keras = _jax_cells(f"fit/{w}", v, "optax/step")
+            rows["fit"][w, v] = (label, _variant_label(v), (samples, item), (ref, item), keras)
+    for batch in config["eager_batches"]:
+        for v in _eager_variants(batch):
+            item, ref, keras = _jax_cells(f"eager/b{batch}", v, "apply/jit")
+            rows["eager"][batch, v] = (batch, _variant_label(v), (item, 1), (item, ref), keras)
+    init, param_bytes = ("build", "init", "seconds"), build_memory.PARAM_BYTES
+    for case in BUILD_CASES:
+        peak, secs = ("build", case, "peak"), ("build", case, "seconds")
+        rows["build"][case] = (LABELS[case], (peak, param_bytes), (secs, 1), (secs, init))
+
+    params, apply_jit = config["backends"], ("jax", "backend/eager", "apply/jit")
+    steps = (params["n"] // params["batch"]) * params["epochs"]
+    jax_ours, jax_native = (("jax", "backend/cnn", v) for v in BACKEND_VARIANTS)
+    for b in BACKENDS:
+        ours, native = ((b, "backend/cnn", v) for v in BACKEND_VARIANTS)
+        step_times = (ours, steps), (ours, jax_ours), (native, steps), (native, jax_native)
+        rows["backends"][b] = (b, *step_times, (ours, native))
+        call = (b, "backend/eager", "ours/call")
+        rows["backends eager"][b] = (b, (call, 1), (call, apply_jit))
+    return rows
+
+
+def _row(cells) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def results_table(columns: tuple, rows: dict, items, builds) -> tuple[list[str], dict]:
+    """The one generic table writer: a markdown table of `columns` and `rows`. Each row (by
+    key) gives one cell per column: a label, None (shown as "—"), or a figure: a ratio
+    (numerator, denominator) of Measures, taken per repeat, times the column's `scale`, and
+    summarised. Returns the table's lines and, by row key, the figures the chart draws."""
+    lines = [_row(c.header for c in columns), _row(c.align for c in columns)]
+    charted: dict = {}
+    for key, cells in rows.items():
+        texts, charted[key] = [], ()
+        for column, cell in zip(columns, cells, strict=True):
+            if not isinstance(cell, tuple):
+                texts.append("—" if cell is None else str(cell))
+                continue
+            stat = Stat.of(_ratios(*cell, items, builds, column.scale))
+            texts.append(stat.fmt(column.spec, column.unit))
+            if column.chart:
+                charted[key] += (stat,)
+        lines.append(_row(texts))
+    return lines, charted
+
+
+# ---------------------------------------------------------------------------------- goals
+
+
+@dataclass(frozen=True)
+class Goal:
+    """One row of the goals table: a results table's cell, the ratio (numerator, denominator)
+    of two Measures taken per repeat, against `limit`. `stat`: the ratio, once measured."""
+
+    name: str
+    section: str
+    ratio: tuple  # (numerator, denominator), two Measures
+    limit: float
+    at_most: bool  # True: the ratio must be <= limit; False: >= limit
+    tolerance: float = 0.0  # a miss by less than this fraction passes "within noise"
+    stat: Stat | None = None
+
+    @property
+    def verdict(self) -> str:
+        v, lim = self.stat.median, self.limit
+        if (v <= lim) if self.at_most else (v >= lim):
+            return "PASS"
+        loose = v <= lim * (1 + self.tolerance) if self.at_most else v >= lim * (1 - self.tolerance)
+        return "PASS (within noise)" if loose else "FAIL"
+
+    def cells(self) -> tuple:
+        """Its row of the goals table: name, measured, goal, verdict."""
+        op = "<=" if self.at_most else ">="
+        spec = ".3f" if abs(self.stat.median - self.limit) < 0.01 else ".2f"
+        return self.name, self.stat.fmt(spec, "x"), f"{op} {self.limit:g}x", self.verdict
+
+
+def goals(config: dict, sections: set) -> list[Goal]:
+    """The performance goals (from the performance issue), as data: each names its cell of
+    `table_rows` by table, row key and column header (the first column of that header)."""
+    rows, b, others = table_rows(config), EAGER_TARGET_BATCH, BACKENDS[1:]
+    apply_jit = "vs jax.jit(module.apply)"
+    fit_references = (  # ours / keras on every workload, ours / Optax on the CNN at spe 1
+        ("keras", "ours / keras", 1.0, NOISE),
+        ("jitted Optax step", "vs jitted Optax step", OPTAX_TARGET, 0.0),
+    )
+
+    def goal(name, table, key, header, limit, at_most=True, tolerance=0.0) -> Goal:
+        column = [c.header for c in TABLES[table]].index(header)
+        return Goal(name, _section(table), rows[table][key][column], limit, at_most, tolerance)
+
+    # fmt: off
+    table = [
+        *[goal(f"T1 eager {_variant_label(v)}, batch {b}: {apply_jit}", "eager", (b, v),
+               apply_jit, EAGER_TARGET) for v in ("ours/call", "nnx/call", "jaxlayer/call")],
+        *[goal(f"T1 eager flaxlayer.FlaxLayer layer(x), batch {b}, {be} backend: {apply_jit}",
+               "backends eager", be, apply_jit, EAGER_TARGET) for be in others],
+        *[goal(f"T2 fit {w}, steps_per_execution={spe}: ours / {reference}", "fit",
+               (w, f"ours/spe{spe}"), header, limit, False, tolerance)
+          for w in config["fit"] for spe in ("1", "32")
+          for reference, header, limit, tolerance in fit_references
+          if reference == "keras" or (w, spe) == ("cnn", "1")],
+        goal("T3 build peak memory / param bytes", "build", "flaxlayer",
+             "peak memory (x param bytes)", MEMORY_TARGET),
+        goal("T3 build time / plain module.init", "build", "flaxlayer",
+             "time vs plain module.init", 1.0, tolerance=NOISE),
+        *[goal(f"T4 fit cnn step time, {be} / jax", "backends", be, "vs JAX", BACKEND_TARGET)
+          for be in others],
+    ]
+    # fmt: on
+    return [g for g in table if g.section in sections]
+
+
+def evaluate_goals(table: list[Goal], items: list[Item], builds: dict) -> list[Goal]:
+    """The goals, each with its per-repeat ratio summarised as its `stat`."""
+    return [replace(goal, stat=Stat.of(_ratios(*goal.ratio, items, builds))) for goal in table]
 
 
 def analyse(items, builds, config, sections, meta) -> dict:
-    """Tables (markdown lines), targets, and the numbers the chart draws."""
-    out: dict = {"tables": {}, "targets": evaluate_goals(goals(config, sections), items, builds)}
-    out["chart"] = {}
-
-    if "fit" in sections:
-        lines = [
-            "| workload | variant | samples/s | vs jitted Optax step | ours / keras |",
-            "| --- | --- | ---: | ---: | ---: |",
+    """The results tables (markdown lines), the goals met or missed ("targets"), and by table
+    the figures its chart columns give."""
+    targets = evaluate_goals(goals(config, sections), items, builds)
+    tables, figures = {}, {}
+    for table, rows in table_rows(config).items():
+        if _section(table) in sections:
+            tables[table], figures[table] = results_table(TABLES[table], rows, items, builds)
+    if "backends" in sections:
+        tables["backends"] += [
+            "",
+            f"Eager `layer(x)` on the benchmark MLP, batch {EAGER_TARGET_BATCH}, per backend "
+            "(inputs are the backend's own tensors), against JAX's `jax.jit(module.apply)`:",
+            "",
+            *tables.pop("backends eager"),
         ]
-        chart = {}
-        for workload, params in config["fit"].items():
-            key = f"fit/{workload}"
-            samples = params["n"] * params["epochs"]
-            ref = _find(items, "jax", key, "optax/step")
-            chart[workload] = {}
-            for variant in FIT_VARIANTS:
-                item = _find(items, "jax", key, variant)
-                thr = Stat.of([samples / s for s in item.seconds])
-                vs_ref = Stat.of(_per_repeat(ref, item))
-                chart[workload][variant] = vs_ref
-                vs_keras = "—"
-                if variant.startswith("ours/"):
-                    keras_item = _find(items, "jax", key, variant.replace("ours", "keras"))
-                    vs_keras = f"{Stat.of(_per_repeat(keras_item, item)).fmt()}x"
-                label = workloads_label(workload, params)
-                lines.append(
-                    f"| {label} | {_variant_label(variant)} | {thr.fmt('.0f')} "
-                    f"| {vs_ref.fmt()}x | {vs_keras} |"
-                )
-        out["tables"]["fit"] = lines
-        out["chart"]["fit"] = chart
-
-    if "eager" in sections:
-        lines = [
-            "| batch | variant | latency (ms) | vs jax.jit(module.apply) | keras / ours |",
-            "| ---: | --- | ---: | ---: | ---: |",
-        ]
-        chart = {}
-        for batch in config["eager_batches"]:
-            key = f"eager/b{batch}"
-            ref = _find(items, "jax", key, "apply/jit")
-            chart[batch] = {}
-            variants = EAGER_VARIANTS + (EAGER_EXTRA if batch == EAGER_TARGET_BATCH else ())
-            for variant in variants:
-                item = _find(items, "jax", key, variant)
-                ms = Stat.of([1000 * s for s in item.seconds])
-                chart[batch][variant] = ms
-                vs_ref = Stat.of(_per_repeat(item, ref))
-                speedup = "—"
-                if variant.startswith("ours/"):
-                    keras_item = _find(items, "jax", key, variant.replace("ours", "keras"))
-                    speedup = f"{Stat.of(_per_repeat(keras_item, item)).fmt('.1f')}x"
-                lines.append(
-                    f"| {batch} | {_variant_label(variant)} | {ms.fmt('.3f')} "
-                    f"| {vs_ref.fmt()}x | {speedup} |"
-                )
-        out["tables"]["eager"] = lines
-        out["chart"]["eager"] = chart
+    out = {"tables": tables, "targets": targets, "figures": figures}
 
     # Outputs of ours (every backend, layer(x) and predict_on_batch) vs jax.jit(module.apply).
     diffs = [v for (_, _, what), v in meta["checks"].items() if not what.startswith("keras/")]
     if diffs:
         out["identical"] = (max(diffs), max(diffs) <= 1e-5)
-
-    if "build" in sections:
-        param_bytes = build_memory.PARAM_BYTES
-        lines = [
-            "| build | peak memory (x param bytes) | time (s) | time vs plain module.init |",
-            "| --- | ---: | ---: | ---: |",
-        ]
-        init_times = [r["seconds"] for r in builds["init"]]
-        chart = {}
-        for case in BUILD_CASES:
-            runs = builds[case]
-            peak = Stat.of([r["peak"] / param_bytes for r in runs])
-            secs = Stat.of([r["seconds"] for r in runs])
-            n = min(len(runs), len(init_times))
-            vs_init = Stat.of([runs[i]["seconds"] / init_times[i] for i in range(n)])
-            chart[case] = (peak, vs_init)
-            lines.append(
-                f"| {LABELS[case]} | {peak.fmt('.3f')}x | {secs.fmt('.1f')} | {vs_init.fmt()}x |"
-            )
-        out["tables"]["build"] = lines
-        out["chart"]["build"] = chart
-
-    if "backends" in sections:
-        params = config["backends"]
-        steps = (params["n"] // params["batch"]) * params["epochs"]
-
-        def backend_item(backend, variant):
-            return _find(items, backend, "backend/cnn", variant)
-
-        jax_ours = backend_item("jax", "ours/spe1")
-        jax_native = backend_item("jax", "native/spe1")
-        lines = [
-            "| backend | flaxlayer.FlaxLayer step (ms) | vs JAX | the CNN in Keras layers "
-            "step (ms) | vs JAX | flaxlayer / Keras layers |",
-            "| --- | ---: | ---: | ---: | ---: | ---: |",
-        ]
-        chart = {}
-        for backend in BACKENDS:
-            ours, native = backend_item(backend, "ours/spe1"), backend_item(backend, "native/spe1")
-            ms = Stat.of([1000 * s / steps for s in ours.seconds])
-            native_ms = Stat.of([1000 * s / steps for s in native.seconds])
-            vs_jax = Stat.of(_per_repeat(ours, jax_ours))
-            native_vs_jax = Stat.of(_per_repeat(native, jax_native))
-            vs_native = Stat.of(_per_repeat(ours, native))
-            chart[backend] = (vs_jax, native_vs_jax)
-            lines.append(
-                f"| {backend} | {ms.fmt('.2f')} | {vs_jax.fmt()}x | {native_ms.fmt('.2f')} "
-                f"| {native_vs_jax.fmt()}x | {vs_native.fmt()}x |"
-            )
-        apply_item = _find(items, "jax", "backend/eager", "apply/jit")
-        lines += [
-            "",
-            f"Eager `layer(x)` on the benchmark MLP, batch {EAGER_TARGET_BATCH}, per backend "
-            "(inputs are the backend's own tensors), against JAX's `jax.jit(module.apply)`:",
-            "",
-            "| backend | flaxlayer.FlaxLayer layer(x) (ms) | vs jax.jit(module.apply) |",
-            "| --- | ---: | ---: |",
-        ]
-        for backend in BACKENDS:
-            item = _find(items, backend, "backend/eager", "ours/call")
-            ms = Stat.of([1000 * s for s in item.seconds])
-            vs_apply = Stat.of(_per_repeat(item, apply_item))
-            chart[f"{backend} eager"] = (vs_apply, None)
-            lines.append(f"| {backend} | {ms.fmt('.3f')} | {vs_apply.fmt()}x |")
-        out["tables"]["backends"] = lines
-        out["chart"]["backends"] = chart
     return out
 
 
+WORKLOADS = {"cnn": "CNN", "mlp": "tiny MLP"}
+
+
 def workloads_label(workload: str, params: dict) -> str:
-    name = {"cnn": "CNN", "mlp": "tiny MLP"}[workload]
-    return f"{name}, batch {params['batch']}"
+    return f"{WORKLOADS[workload]}, batch {params['batch']}"
 
 
 TITLES = {
@@ -573,52 +549,41 @@ TITLES = {
 def _machine(meta: dict) -> str:
     from workloads import cpu_name  # imports flax: only when writing the results
 
-    cpu = cpu_name()
     mem = ""
     try:
         pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
         mem = f", {pages / 1024**3:.0f} GiB RAM"
     except (ValueError, OSError):
         pass
-    versions = meta["versions"].get("jax", {})
-    shown = ", ".join(f"{k} {v}" for k, v in versions.items() if k != "backend")
-    extra = [
-        f"{k} {meta['versions'][b][k]}"
-        for b, k in (("tensorflow", "tensorflow"), ("torch", "torch"))
-        if b in meta["versions"]
-    ]
+    versions = meta["versions"]  # JAX's packages, then TensorFlow's and PyTorch's own
+    shown = [", ".join(f"{k} {v}" for k, v in versions.get("jax", {}).items() if k != "backend")]
+    shown += [f"{b} {versions[b][b]}" for b in BACKENDS[1:] if b in versions]
     return (
-        f"{cpu}, {os.cpu_count()} cores{mem}, {platform.system()} {platform.machine()}, "
-        f"Python {platform.python_version()}; {', '.join([shown, *extra])}; CPU only "
+        f"{cpu_name()}, {os.cpu_count()} cores{mem}, {platform.system()} {platform.machine()}, "
+        f"Python {platform.python_version()}; {', '.join(shown)}; CPU only "
         f"(JAX_PLATFORMS=cpu)."
     )
 
 
 def _summary_lines(analysis: dict) -> list[str]:
-    lines = [
-        "| target | measured (median, min-max) | goal | verdict |",
-        "| --- | ---: | ---: | --- |",
-    ]
-    rows = [(t.name[:2], t.row()) for t in analysis["targets"]]
+    rows = [t.cells() for t in analysis["targets"]]
     if "identical" in analysis:
         worst, ok = analysis["identical"]
-        rows.append(
-            (
-                "T1",
-                "| T1 outputs of ours (layer(x), predict_on_batch; every backend measured) vs "
-                f"jax.jit(module.apply), max abs diff | {worst:.1e} | <= 1e-05 "
-                f"| {'PASS' if ok else 'FAIL'} |",
-            )
+        name = (
+            "T1 outputs of ours (layer(x), predict_on_batch; every backend measured) vs "
+            "jax.jit(module.apply), max abs diff"
         )
-    lines += [row for _, row in sorted(rows, key=lambda r: r[0])]  # stable: by target
-    missed = sum(" FAIL |" in row for _, row in rows)
-    lines += [
+        rows.append((name, f"{worst:.1e}", "<= 1e-05", "PASS" if ok else "FAIL"))
+    rows.sort(key=lambda cells: cells[0][:2])  # stable: by target
+    lines, _ = results_table(GOAL_COLUMNS, dict(enumerate(rows)), [], {})  # labels only
+    missed = sum(verdict == "FAIL" for *_, verdict in rows)
+    return [
+        *lines,
         "",
         f"{len(rows) - missed} of {len(rows)} goals met, {missed} missed (FAIL). `make bench` "
         "exits 1 when any goal is missed"
         + (", as it did for this run." if missed else "; it exited 0 for this run."),
     ]
-    return lines
 
 
 def write_markdown(path: Path, chart: Path | None, analysis, config, sections, meta, args):
@@ -647,7 +612,17 @@ def write_markdown(path: Path, chart: Path | None, analysis, config, sections, m
         "",
     ]
     notes = {
-        "fit": _fit_note(config),
+        "fit": (
+            "Samples per second of `model.fit(x, y, shuffle=False)` (NumPy inputs, Adam, sparse "
+            "categorical cross-entropy, no metrics) on a Sequential model holding the layer; the "
+            "hand-written loops train the same module with `optax.adam` on batches already on "
+            "device. "
+            + "; ".join(
+                f"{workloads_label(w, p)}: {p['n']} samples x {p['epochs']} epoch(s) per repeat"
+                for w, p in config["fit"].items()
+            )
+            + ". Ratios are throughput ratios (higher is faster)."
+        ),
         "eager": (
             "Latency of one call, waited for (`jax.block_until_ready`); `layer(x)` on a device "
             "array, `predict_on_batch` on a NumPy array. Same variables in every variant "
@@ -666,18 +641,15 @@ def write_markdown(path: Path, chart: Path | None, analysis, config, sections, m
             "The CNN's `fit` (steps_per_execution=1, batch "
             f"{config['backends']['batch']}, {config['backends']['n']} samples x "
             f"{config['backends']['epochs']} epoch(s) per repeat, Keras's default `jit_compile`) "
-            "with "
-            "flaxlayer.FlaxLayer, one worker process per Keras backend, interleaved. TensorFlow "
-            "runs the module through jax2tf; PyTorch through DLPack and a "
+            "with flaxlayer.FlaxLayer, one worker process per Keras backend, interleaved. "
+            "TensorFlow runs the module through jax2tf; PyTorch through DLPack and a "
             "`torch.autograd.Function` over `jax.vjp`. For reference, the same CNN written in "
             "Keras layers (Conv2D, AveragePooling2D, Flatten, Dense) on each backend: what the "
             "backend costs without any JAX module."
         ),
     }
-    for section in SECTIONS:
-        if section in sections:
-            text += [f"## {TITLES[section]}", "", notes[section], ""]
-            text += analysis["tables"][section] + [""]
+    for section, lines in analysis["tables"].items():  # the sections that ran, in order
+        text += [f"## {TITLES[section]}", "", notes[section], "", *lines, ""]
     text += [
         f"Command: `{' '.join(['python benchmarks/run.py', *args])}`",
         f"<!-- --8<-- [end:{SNIPPET}] -->",
@@ -688,19 +660,6 @@ def write_markdown(path: Path, chart: Path | None, analysis, config, sections, m
     path.write_text("\n".join(text))
 
 
-def _fit_note(config: dict) -> str:
-    parts = [
-        f"{workloads_label(w, p)}: {p['n']} samples x {p['epochs']} epoch(s) per repeat"
-        for w, p in config["fit"].items()
-    ]
-    return (
-        "Samples per second of `model.fit(x, y, shuffle=False)` (NumPy inputs, Adam, sparse "
-        "categorical cross-entropy, no metrics) on a Sequential model holding the layer; the "
-        "hand-written loops train the same module with `optax.adam` on batches already on "
-        "device. " + "; ".join(parts) + ". Ratios are throughput ratios (higher is faster)."
-    )
-
-
 # Who each bar measures, by colour; every panel's legend names the colours it uses.
 LIBRARY_COLORS = {
     "flaxlayer": ("tab:blue", "flaxlayer"),
@@ -708,15 +667,10 @@ LIBRARY_COLORS = {
     "reference": ("tab:green", "hand-written JAX / Flax reference"),
     "native": ("tab:gray", "the same model in Keras layers"),
 }
-VARIANT_LIBRARY = {
-    "ours": "flaxlayer",
-    "nnx": "flaxlayer",
-    "jaxlayer": "flaxlayer",
-    "flaxlayer": "flaxlayer",
+VARIANT_LIBRARY = {  # by a variant's kind (before the "/"), or a build case
+    **dict.fromkeys(("ours", "nnx", "jaxlayer", "flaxlayer"), "flaxlayer"),
     "keras": "keras",
-    "optax": "reference",
-    "apply": "reference",
-    "init": "reference",
+    **dict.fromkeys(("optax", "apply", "init"), "reference"),
 }
 
 
@@ -737,63 +691,53 @@ def _goal_line(limit: float) -> tuple:
 
 
 def chart_panels(analysis: dict, sections: set) -> list[Panel]:
-    """The chart's panels, one per question, for the sections that ran."""
-    chart, panels = analysis["chart"], []
+    """The chart's panels, one per question, for the sections that ran: their bars are the
+    figures of the results tables' chart columns."""
+    figures, panels = analysis["figures"], []
 
-    def library(variant: str) -> str:
-        return VARIANT_LIBRARY[variant.split("/")[0]]
-
-    if "fit" in sections:
-        name = {"cnn": "CNN", "mlp": "tiny MLP"}
-        bars = [
-            (f"{name[w]}: {_variant_label(v)}", stat, library(v))
-            for w, per in chart["fit"].items()
-            for v, stat in per.items()
+    def variant_bars(table: str, group_label) -> list:  # the optax/step bar is the fit's 1.0
+        return [
+            (f"{group_label(group)}: {_variant_label(v)}", stat, VARIANT_LIBRARY[v.split("/")[0]])
+            for (group, v), (stat,) in figures[table].items()
             if v != "optax/step"
         ]
+
+    if "fit" in sections:
         lines = [
             (1.0, "gray", "-", "the jitted Flax + Optax step"),
             (OPTAX_TARGET, "red", "--", f"goal on the CNN: {OPTAX_TARGET}x"),
         ]
         title = "fit throughput / a jitted Flax + Optax step's (higher is better)"
-        panels.append(Panel(title, "throughput relative to the jitted step", bars, lines))
+        xlabel = "throughput relative to the jitted step"
+        panels.append(Panel(title, xlabel, variant_bars("fit", WORKLOADS.get), lines))
     if "eager" in sections:
-        bars = [
-            (f"batch {batch}: {_variant_label(v)}", stat, library(v))
-            for batch, per in chart["eager"].items()
-            for v, stat in per.items()
-        ]
+        bars = variant_bars("eager", lambda batch: f"batch {batch}")
         title = "How fast is an eager call? Latency in ms (log scale; lower is better)"
         panels.append(Panel(title, "milliseconds per call", bars, log=True))
     if "build" in sections:
-        data = chart["build"]
-        for index, (what, goal, xlabel) in enumerate(
-            (
-                ("peak memory / the params' bytes", MEMORY_TARGET, "peak memory / param bytes"),
-                ("time / a plain module.init's", 1.0, "build time / plain module.init"),
-            )
-        ):
-            bars = [(LABELS[case], data[case][index], library(case)) for case in data]
+        questions = (
+            ("peak memory / the params' bytes", MEMORY_TARGET, "peak memory / param bytes"),
+            ("time / a plain module.init's", 1.0, "build time / plain module.init"),
+        )
+        for index, (what, goal, xlabel) in enumerate(questions):
+            bars = [
+                (LABELS[c], st[index], VARIANT_LIBRARY[c]) for c, st in figures["build"].items()
+            ]
             title = f"Building over 1 GiB: {what} (lower is better)"
             panels.append(Panel(title, xlabel, bars, [_goal_line(goal)]))
     if "backends" in sections:
-        data = chart["backends"]
-        bars = [
-            bar
-            for backend, (ours, native) in data.items()
-            if not backend.endswith(" eager")
-            for bar in (
-                (f"{backend}: flaxlayer.FlaxLayer", ours, "flaxlayer"),
-                (f"{backend}: the CNN in Keras layers", native, "native"),
-            )
+        kinds = (("flaxlayer.FlaxLayer", "flaxlayer"), ("the CNN in Keras layers", "native"))
+        bars = [  # per backend, its two chart columns: ours and the CNN in Keras layers
+            (f"{backend}: {what}", stat, library)
+            for backend, stats in figures["backends"].items()
+            for (what, library), stat in zip(kinds, stats, strict=True)
         ]
         lines = [(1.0, "gray", "-", "JAX backend"), _goal_line(BACKEND_TARGET)]
         title = "Other backends: CNN fit step time / the JAX backend's (lower is better)"
         panels.append(Panel(title, "step time relative to JAX", bars, lines))
         bars = [
-            (f"{b.split()[0]}: flaxlayer.FlaxLayer layer(x)", v[0], "flaxlayer")
-            for b, v in data.items()
-            if b.endswith(" eager")
+            (f"{backend}: flaxlayer.FlaxLayer layer(x)", stat, "flaxlayer")
+            for backend, (stat,) in figures["backends eager"].items()
         ]
         title = "Other backends: eager layer(x) / jax.jit(module.apply) (lower is better)"
         xlabel = "latency relative to jax.jit(module.apply)"
@@ -815,28 +759,17 @@ def draw_chart(path: Path, analysis: dict, sections: set) -> bool:
         return False
     panels = chart_panels(analysis, sections)
     heights = [1.2 + 0.28 * len(p.bars) for p in panels]
+    grid = {"height_ratios": heights}
     fig, axes = plt.subplots(
-        len(panels),
-        1,
-        figsize=(12, sum(heights)),
-        squeeze=False,
-        gridspec_kw={"height_ratios": heights},
+        len(panels), 1, figsize=(12, sum(heights)), squeeze=False, gridspec_kw=grid
     )
     for ax, panel in zip(axes[:, 0], panels, strict=True):
-        labels = [label for label, _, _ in panel.bars]
-        stats = [stat for _, stat, _ in panel.bars]
-        libraries = [lib for _, _, lib in panel.bars]
+        labels, stats, libraries = zip(*panel.bars, strict=True)
         ys = list(range(len(labels)))[::-1]
         med = [st.median for st in stats]
         err = [[st.median - st.low for st in stats], [st.high - st.median for st in stats]]
-        ax.barh(
-            ys,
-            med,
-            xerr=err,
-            color=[LIBRARY_COLORS[lib][0] for lib in libraries],
-            capsize=3,
-            height=0.7,
-        )
+        colors = [LIBRARY_COLORS[lib][0] for lib in libraries]
+        ax.barh(ys, med, xerr=err, color=colors, capsize=3, height=0.7)
         ax.set_yticks(ys, labels, fontsize=9)
         if panel.log:
             ax.set_xscale("log")
@@ -872,6 +805,7 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, help="interleaved repeats (default 7, quick 2)")
     parser.add_argument("--output", type=Path, help="results markdown (default results.md)")
     parser.add_argument("--no-write", action="store_true", help="print only")
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     sections = {s.strip() for s in args.only.split(",") if s.strip()}
     if not sections <= set(SECTIONS):
@@ -879,9 +813,7 @@ def main(argv=None) -> int:
     config = dict(CONFIGS["quick" if args.quick else "full"])
     if args.repeats:
         config["repeats"] = args.repeats
-    output = args.output
-    if output is None and not args.quick and not args.no_write:
-        output = HERE / "results.md"
+    output = args.output or (None if args.quick else HERE / "results.md")
     if args.no_write:
         output = None
 
@@ -898,16 +830,12 @@ def main(argv=None) -> int:
         flush=True,
     )
     items: list[Item] = []
-    needed = set()
-    if sections & {"fit", "eager", "backends"}:
-        needed.add("jax")
-    if "backends" in sections:
-        needed.update(BACKENDS)
+    # Every section but the builds needs the JAX worker; the backends section, every backend's.
+    needed = BACKENDS if "backends" in sections else ("jax",) if sections - {"build"} else ()
     workers = {}
     try:
-        for backend in BACKENDS:
-            if backend in needed:
-                workers[backend] = Worker(backend)
+        for backend in needed:
+            workers[backend] = Worker(backend)
         if workers:
             print("Setting up (compiling and warming every variant):", flush=True)
             items, info = _setup_items(workers, config, sections)
@@ -929,14 +857,12 @@ def main(argv=None) -> int:
     meta["elapsed"] = time.perf_counter() - started
 
     analysis = analyse(items, builds, config, sections, meta)
-    for section in SECTIONS:
-        if section in sections:
-            print(f"\n{TITLES[section]}")
-            print("\n".join(analysis["tables"][section]))
+    for section, lines in analysis["tables"].items():
+        print(f"\n{TITLES[section]}")
+        print("\n".join(lines))
     print("\nTargets")
-    summary = _summary_lines(analysis)
-    print("\n".join(summary))
-    failed = [t.name for t in analysis["targets"] if not t.passed]
+    print("\n".join(_summary_lines(analysis)))
+    failed = [t.name for t in analysis["targets"] if t.verdict == "FAIL"]
     if "identical" in analysis and not analysis["identical"][1]:
         failed.append("T1 identical outputs")
 
@@ -946,15 +872,7 @@ def main(argv=None) -> int:
         drawn = draw_chart(chart, analysis, sections)
         if drawn and output == HERE / "results.md":
             shutil.copyfile(chart, DOCS_CHART)  # the chart the docs' Performance page shows
-        write_markdown(
-            output,
-            chart if drawn else None,
-            analysis,
-            config,
-            sections,
-            meta,
-            sys.argv[1:] if argv is None else argv,
-        )
+        write_markdown(output, chart if drawn else None, analysis, config, sections, meta, argv)
         print(f"\nwrote {output}" + (f" and {chart}" if drawn else ""))
     total = len(analysis["targets"]) + ("identical" in analysis)
     print(

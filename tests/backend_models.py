@@ -24,3 +24,16 @@ class NNXNet(nnx.Module):
 
     def __call__(self, inputs):
         return self.out(jax.nn.relu(self.bn(self.linear(inputs))))
+
+
+class NNXBatchNormDropout(nnx.Module):
+    """Linear + BatchNorm + Dropout + Linear, the NNX way (for export)."""
+
+    def __init__(self, din, dout, *, rngs):
+        self.linear = nnx.Linear(din, 8, rngs=rngs)
+        self.bn = nnx.BatchNorm(8, rngs=rngs)
+        self.dropout = nnx.Dropout(0.5, rngs=rngs)
+        self.out = nnx.Linear(8, dout, rngs=rngs)
+
+    def __call__(self, inputs):
+        return self.out(self.dropout(jax.nn.relu(self.bn(self.linear(inputs)))))

@@ -198,3 +198,21 @@ def test_seed_reproducible_fit(kind):
     np.testing.assert_array_equal(model_a.predict(x, verbose=0), model_b.predict(x, verbose=0))
     weights_other = run(6)[2]
     assert any(not np.array_equal(u, w) for u, w in zip(weights_a, weights_other, strict=True))
+
+
+def test_no_key_drawn_where_the_module_does_not_use_one():
+    """An NNX Dropout takes its key in both modes but uses it in training only: inference
+    leaves the layer's seed where it was, training advances it. A module that does use its
+    key at inference (a noise stream) still gets a fresh one each call."""
+    layer = FlaxLayer(nnx_models.DropNet(4, 3, rngs=nnx.Rngs(0)), seed=1)
+    x = np.ones((2, 4), "float32")
+    layer(x)
+    seed = _np(layer.seed_generator.state)
+    layer(x, training=False)
+    np.testing.assert_array_equal(_np(layer.seed_generator.state), seed)
+    layer(x, training=True)
+    assert not np.array_equal(_np(layer.seed_generator.state), seed)
+
+    noisy = FlaxLayer(nnx_models.NoiseNet(4, rngs=nnx.Rngs(0)), seed=1)
+    first, second = _np(noisy(x)), _np(noisy(x))
+    assert not np.allclose(first, second)

@@ -320,7 +320,7 @@ def _xla_call_modules(fn, *specs):
 def test_compile_tensorflow_platforms(platforms, expected):
     """`platforms` reaches jax2tf as `native_serialization_platforms`: every module (forward
     and backward) lists them, and the multi-platform module still runs here on the CPU."""
-    run = compile_tensorflow(_pure, platforms=platforms)
+    run = compile_tensorflow(_pure, "test layer", platforms=platforms)
     w = tf.Variable(np.linspace(-1, 1, 6, dtype="float32").reshape(3, 2))
     x = _data(n=5)[0]
     expected_out = np.asarray(jax.scipy.special.erf(x @ w.numpy()))

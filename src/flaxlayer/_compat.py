@@ -15,6 +15,7 @@ from flax.nnx import pytreelib as nnx_pytreelib
 from jax._src import xla_bridge as jax_xla_bridge
 from jax._src.export import _export as jax_export_internals
 from jax._src.interpreters import mlir as jax_mlir
+from jax._src.interpreters import partial_eval as jax_partial_eval
 from jax._src.lib import _jax as jax_lib
 from jax._src.lib.mlir import ir as mlir_ir
 from jax._src.lib.mlir import passmanager as mlir_passmanager
@@ -33,8 +34,10 @@ __all__ = [
     "hashable_mapping",
     "in_stateless_scope",
     "initialize_deferred",
+    "inputs_used",
     "is_deferred",
     "jax_stablehlo_target",
+    "keras_export_format",
     "keras_safe_mode",
     "key_impl_name",
     "pytree_state",
@@ -79,6 +82,11 @@ def tracked_variables(layer: Any) -> list:
 def untrack_variable(layer: Any, variable: Any) -> None:
     """Removes a variable from a layer's weights (as Keras does for its own quantized kernels)."""
     layer._untrack_variable(variable)
+
+
+def inputs_used(jaxpr: Any) -> list[bool]:
+    """Per input of a (open) jaxpr: whether any of its outputs depends on it."""
+    return jax_partial_eval.dce_jaxpr(jaxpr, [True] * len(jaxpr.outvars))[1]
 
 
 def is_deferred(variable: Any) -> bool:
@@ -126,6 +134,22 @@ def called_by_keras_saving_walk() -> bool:
     copy or merge every value: they answer that walk with None instead.
     """
     return sys._getframe(2).f_code is keras_saving_lib._walk_saveable.__code__
+
+
+def keras_export_format() -> str | None:
+    """The module of the Keras exporter that runs the caller (`onnx`, `openvino`, `litert`,
+    `saved_model`, ... from `keras.src.export.<module>`), or None outside `model.export`.
+
+    The outermost one: the ONNX and OpenVINO exporters trace through `saved_model`'s archive.
+    """
+    found = None
+    frame: Any = sys._getframe(1)
+    while frame is not None:
+        name = frame.f_globals.get("__name__", "")
+        if name.startswith("keras.src.export."):
+            found = name.rsplit(".", 1)[1]
+        frame = frame.f_back
+    return found
 
 
 # --------------------------------------------------- JAX's serializer, for the TensorFlow bridge

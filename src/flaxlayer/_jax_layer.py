@@ -32,12 +32,12 @@ from flaxlayer._functions import FunctionAdapter
 from flaxlayer._program import (
     JIT_INIT_BYTES,
     abstract,
+    call_effects,
     concrete,
     init_key,
     init_without_forward,
     make_pure,
     nbytes,
-    written_state_indices,
     zeros,
 )
 from flaxlayer._serialization import SerializationError
@@ -95,11 +95,13 @@ class _Core:
         self.run: Callable = _not_built
         self.needs_rng: PerMode = NEVER
         self.has_loss: PerMode = NEVER
-        # Per training mode, the indices of the state leaves a call can change (learned at the
-        # first call in that mode): the compiled function returns only those, and only those
-        # are written back. BatchNorm statistics at inference, for instance, are never copied.
+        # Per training mode, learned at the first call in that mode: the indices of the state
+        # leaves a call can change (the compiled function returns only those, and only those
+        # are written back: BatchNorm statistics at inference are never copied), and whether
+        # the call uses its rng key (no key is drawn where it does not).
         self.written: dict[bool, tuple[int, ...]] = {}
-        self.learn_written: Callable[[bool], tuple[int, ...]] = _not_built
+        self.rng_used: dict[bool, bool] = {}
+        self.learn_effects: Callable[[bool], tuple[tuple[int, ...], bool]] = _not_built
         # Parameter transforms (LoRA, int8) in the order applied, with their variables; and
         # a loaded config's `finetune` entry, replayed once the module's variables exist.
         self.extras: list[Extra] = []
@@ -301,7 +303,7 @@ class JaxLayer(FineTuning, keras.layers.Layer):
             tuple(where[id(v)] for v in core.stored_params),
             tuple(where[id(v)] for v in core.state_vars),
         )
-        core.written = {}
+        core.written, core.rng_used = {}, {}
         core.pure = make_pure(
             core.adapter,
             core.params_layout,
@@ -314,11 +316,12 @@ class JaxLayer(FineTuning, keras.layers.Layer):
             )
             if transforms
             else None,
+            needs_rng=core.needs_rng,
         )
         core.run = compile_for_backend(
             core.pure, owner=self._owner_name(), platforms=self.native_serialization_platforms
         )
-        core.learn_written = outside_compiled_graphs(self._written_state)
+        core.learn_effects = outside_compiled_graphs(self._call_effects)
 
     def _initial_trees(self) -> tuple[Any, Any]:
         """The (params, state) a fresh build starts from: given values or the model's init."""
@@ -456,10 +459,11 @@ class JaxLayer(FineTuning, keras.layers.Layer):
         if core.placeholders:  # loaded from a config and used before any weights were loaded
             self._materialize()
         training = bool(training)
-        rng = core.seed_generator.next() if core.needs_rng[training] else None
         written = core.written.get(training)
         if written is None:
-            written = core.written[training] = core.learn_written(training)
+            written, core.rng_used[training] = core.learn_effects(training)
+            core.written[training] = written
+        rng = core.seed_generator.next() if core.rng_used[training] else None
         # The variables as the layer tracks them now: in Keras's NNX mode, `nnx.jit` and
         # `nnx.grad` hand the layer new Variable objects in the same places.
         tracked = _compat.tracked_variables(self)
@@ -486,14 +490,12 @@ class JaxLayer(FineTuning, keras.layers.Layer):
         rng = SPEC_KEY if core.needs_rng[training] else None
         return params, state, rng
 
-    def _written_state(self, training: bool) -> tuple[int, ...]:
+    def _call_effects(self, training: bool) -> tuple[tuple[int, ...], bool]:
         core = self._core
-        if not core.state_vars:
-            return ()
+        if not core.state_vars and not core.needs_rng[training]:
+            return (), False
         params, state, rng = self._abstract_arguments(training)
-        return written_state_indices(
-            core.pure, params, state, rng, structs(core.input_spec, 1), training
-        )
+        return call_effects(core.pure, params, state, rng, structs(core.input_spec, 1), training)
 
     def compute_output_spec(self, inputs, training=None):
         if not self._core.loading:

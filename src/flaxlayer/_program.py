@@ -12,6 +12,7 @@ import numpy as np
 from flax import errors as flax_errors
 from flax.core import partial_eval
 
+from flaxlayer import _compat
 from flaxlayer._adapter import Adapter
 from flaxlayer._variables import TreeLayout
 
@@ -61,12 +62,15 @@ def make_pure(
     state_casts,
     written: dict,
     param_map: Callable[[list], list] | None = None,
+    needs_rng: tuple[bool, bool] = (False, False),
 ) -> Callable:
     """The layer as one pure function of flat variable lists.
 
     Returns (outputs, new state leaves, summed sown losses); the new state leaves are those in
     `written[training]` once that is known (all of them with `all_state=True`). `param_map`
     turns the stored params into the module's (the parameter transforms: LoRA, int8).
+    `rng` may be None in a mode where the module takes a key it does not use (`call_effects`
+    tells): it then gets a constant one.
     """
 
     def pure(params, state, rng, inputs, training, all_state=False):
@@ -74,6 +78,8 @@ def make_pure(
             params = param_map(params)
         if rng is not None:
             rng = rng.astype(jnp.uint32)
+        elif needs_rng[training]:
+            rng = jnp.zeros((2,), jnp.uint32)
         state = [x if c is None else x.astype(c) for x, c in zip(state, state_casts, strict=True)]
         outputs, new_state, loss = adapter.apply(
             params_layout.unflatten(params), state_layout.unflatten(state), rng, inputs, training
@@ -113,27 +119,35 @@ def concrete(x: Any) -> Any:
     return x
 
 
-def written_state_indices(
+def call_effects(
     pure: Callable, params: list, state: list, rng: Any, inputs: Any, training: bool
-) -> tuple[int, ...]:
-    """Indices of the state leaves a call of `pure` in this mode may change (one abstract trace).
+) -> tuple[tuple[int, ...], bool]:
+    """What a call of `pure` in this mode does, from one abstract trace: the indices of the
+    state leaves it may change, and whether its results depend on `rng` at all.
 
     `params`, `state`, `rng` and `inputs` are abstract (ShapeDtypeStructs). A leaf the module
     hands back untouched is its input variable itself in the traced program, or under mixed
     precision that variable cast to the compute dtype (which writing back would only round);
-    any other operation on it counts as a change.
+    any other operation on it counts as a change. A module that takes a key but leaves it
+    unused in this mode (an NNX Dropout at inference) needs none drawn: drawing one would
+    advance the layer's seed, and, under another library's trace (ONNX export), leak a tracer
+    into it.
     """
-    closed = jax.make_jaxpr(lambda p, s, r, x: pure(p, s, r, x, training, all_state=True)[1])(
-        params, state, rng, inputs
-    )
+    closed, shapes = jax.make_jaxpr(
+        lambda p, s, r, x: pure(p, s, r, x, training, all_state=True), return_shape=True
+    )(params, state, rng, inputs)
     state_in = closed.jaxpr.invars[len(params) : len(params) + len(state)]
+    first = len(jax.tree.leaves(shapes[0]))
+    new_state = closed.jaxpr.outvars[first : first + len(state)]
     cast_of = {
         id(eqn.outvars[0]): eqn.invars[0]
         for eqn in closed.jaxpr.eqns
         if eqn.primitive.name == "convert_element_type"
     }
-    return tuple(
+    written = tuple(
         i
-        for i, (out, var) in enumerate(zip(closed.jaxpr.outvars, state_in, strict=True))
+        for i, (out, var) in enumerate(zip(new_state, state_in, strict=True))
         if out is not var and cast_of.get(id(out)) is not var
     )
+    rng_used = rng is not None and _compat.inputs_used(closed.jaxpr)[len(params) + len(state)]
+    return written, rng_used

@@ -30,7 +30,7 @@ def compile_for_backend(pure: Callable, *, owner: str, platforms=None) -> Callab
     if backend == "tensorflow":
         from flaxlayer._bridges.tensorflow import compile_tensorflow
 
-        return compile_tensorflow(pure, platforms=platforms)
+        return compile_tensorflow(pure, owner, platforms=platforms)
     if backend == "torch":
         from flaxlayer._bridges.torch import compile_torch
 
@@ -50,6 +50,35 @@ def check_backend(owner: str) -> None:
     backend = keras.backend.backend()
     if backend not in SUPPORTED_BACKENDS:
         raise unsupported_backend(owner, backend)
+
+
+# The Keras exporters (`model.export(format=...)`) that cannot convert the layer's computation
+# on a backend, with what works instead. ONNX is converted by the bridges (`_onnx.py`).
+_OPENVINO_ALTERNATIVE = (
+    "OpenVINO reads ONNX: export ONNX and convert that file, e.g.\n"
+    '    model.export("model.onnx", format="onnx")\n'
+    '    import openvino as ov; ov.save_model(ov.convert_model("model.onnx"), "model.xml")'
+)
+UNSUPPORTED_EXPORTS = {
+    ("tensorflow", "openvino"): _OPENVINO_ALTERNATIVE,
+    ("torch", "openvino"): _OPENVINO_ALTERNATIVE,
+}
+
+
+def check_export_format(owner: str) -> str | None:
+    """The format of the Keras export tracing the caller (None if none runs); raises before the
+    converter runs if that format cannot take the layer on this backend."""
+    from flaxlayer import _compat
+
+    fmt = _compat.keras_export_format()
+    alternative = UNSUPPORTED_EXPORTS.get((keras.backend.backend(), fmt or ""))
+    if alternative is not None:
+        raise NotImplementedError(
+            f"{owner}: model.export(format={fmt!r}) on the {keras.backend.backend()} backend "
+            f"cannot convert this layer: its computation reaches the converter as compiled "
+            f"XLA, which the {fmt} converter does not read. {alternative}"
+        )
+    return fmt
 
 
 def outside_compiled_graphs(fn: Callable) -> Callable:

@@ -24,6 +24,8 @@ per signature: a converted function called eagerly exports the JAX function agai
 import contextlib
 import contextvars
 import functools
+import hashlib
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 
 import jax
@@ -40,6 +42,13 @@ _TARGET: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 
 # The serializers we installed (so that a second install, or a reload, wraps nothing twice).
 _HOOKS: set = set()
+
+# The conversion running now, and each live conversion by the digest of the module it
+# serialized: the ONNX exporter finds the JAX function behind an `XlaCallModule` op here.
+_CONVERTING: contextvars.ContextVar["_Converted | None"] = contextvars.ContextVar(
+    "flaxlayer_converting", default=None
+)
+_BY_MODULE: "weakref.WeakValueDictionary[bytes, _Converted]" = weakref.WeakValueDictionary()
 
 
 def _poly_shape(leaf_index: int, shape) -> str | None:
@@ -87,7 +96,13 @@ def _install_serializer_hook() -> None:
 
     def module_to_bytecode(module):
         target = _TARGET.get()
-        return original(module) if target is None else _compat.serialize_portable(module, target)
+        if target is None:
+            return original(module)
+        data = _compat.serialize_portable(module, target)
+        converting = _CONVERTING.get()
+        if converting is not None:
+            _BY_MODULE[hashlib.sha256(data).digest()] = converting
+        return data
 
     _HOOKS.add(module_to_bytecode)
     set_(module_to_bytecode)
@@ -117,8 +132,8 @@ class _Converted:
     rng key, token ids) get no gradient.
     """
 
-    def __init__(self, fun: Callable, polys: Sequence[str | None], platforms):
-        self.fun, self.polys, self.platforms = fun, list(polys), platforms
+    def __init__(self, fun: Callable, polys: Sequence[str | None], platforms, owner: str):
+        self.fun, self.polys, self.platforms, self.owner = fun, list(polys), platforms, owner
         self.forward = jax2tf.convert(
             fun,
             polymorphic_shapes=self.polys,
@@ -134,8 +149,12 @@ class _Converted:
 
         @tf.custom_gradient
         def call(*args):
-            with _serialized_for_tensorflow():
-                outs = list(self.forward(*args))
+            token = _CONVERTING.set(self)
+            try:
+                with _serialized_for_tensorflow():
+                    outs = list(self.forward(*args))
+            finally:
+                _CONVERTING.reset(token)
 
             def grad(*cts):
                 return self._gradient(args, outs, cts)
@@ -181,7 +200,19 @@ class _Converted:
             _, pullback = jax.vjp(of_wrt, *(args[i] for i in wrt))
             return list(pullback(cts))
 
-        return _Converted(vjp, self.polys + ct_polys, self.platforms)
+        return _Converted(vjp, self.polys + ct_polys, self.platforms, self.owner)
+
+    def onnx_structs(self, args: Sequence) -> list:
+        """jax2onnx's input specs: the arguments' shapes, with this conversion's symbolic
+        dimensions named."""
+        structs = []
+        for arg, poly in zip(args, self.polys, strict=True):
+            shape: list = list(arg.shape)
+            if poly is not None:
+                names = [d.strip() for d in poly.strip("()").split(",") if d.strip()]
+                shape = [n if not n.isdigit() else int(n) for n in names]
+            structs.append(jax.ShapeDtypeStruct(tuple(shape), arg.dtype))
+        return structs
 
 
 def _convert(
@@ -191,6 +222,7 @@ def _convert(
     x_def,
     x_leaves,
     platforms,
+    owner: str,
 ) -> tuple[Callable, Callable]:
     """(in-graph, eager) versions of the function for one input signature."""
     n_params, n_state, has_rng = counts
@@ -207,7 +239,7 @@ def _convert(
         return leaves
 
     polys = [None] * n_fixed + [_poly_shape(i, shape) for i, (shape, _) in enumerate(x_leaves)]
-    converted_flat = _Converted(flat, polys, platforms)
+    converted_flat = _Converted(flat, polys, platforms, owner)
 
     def converted(params, state, rng, inputs):
         fixed = [*params, *state, *([rng] if has_rng else [])]
@@ -217,11 +249,14 @@ def _convert(
     return converted, tf.function(converted, autograph=False)
 
 
-def compile_tensorflow(pure: Callable, platforms: Sequence[str] | None = None) -> Callable:
+def compile_tensorflow(
+    pure: Callable, owner: str, platforms: Sequence[str] | None = None
+) -> Callable:
     """`run(params, state, rng, inputs, training)` through jax2tf.
 
     Args:
         pure: The layer's pure function.
+        owner: The layer, as error messages name it.
         platforms: The platforms to lower for (`native_serialization_platforms` of
             `jax2tf.convert`, e.g. `("cpu", "tpu")`); None: the platform JAX runs on here.
     """
@@ -238,11 +273,108 @@ def compile_tensorflow(pure: Callable, platforms: Sequence[str] | None = None) -
         fns = converted.get(key)
         if fns is None:
             counts = (len(params), len(state), rng is not None)
-            fns = converted[key] = _convert(pure, training, counts, treedef, signature, platforms)
+            fns = converted[key] = _convert(
+                pure, training, counts, treedef, signature, platforms, owner
+            )
+        if not tf.executing_eagerly():
+            _prepare_export(owner)
         # Eagerly, variables enter the tf.function as handles: it reads them in its graph.
         return fns[tf.executing_eagerly()](list(params), list(state), rng, inputs)
 
     return run
+
+
+# ---------------------------------------------------------------------------------- export
+
+
+def _prepare_export(owner: str) -> None:
+    """Readies the Keras exporter tracing this call, if one is: ONNX gets our tf2onnx handler
+    for the layer's `XlaCallModule` op; exporters that cannot read the op fail here."""
+    from flaxlayer._bridges import check_export_format
+
+    if check_export_format(owner) == "onnx":
+        _register_tf2onnx_handler()
+
+
+# Attributes of `XlaCallModule` tf2onnx cannot copy (empty lists of unknown type) and our
+# handler does not read.
+_XLA_CALL_MODULE_ATTRS = ("Sout", "dim_args_spec", "disabled_checks", "function_list", "platforms")
+
+
+@functools.cache
+def _register_tf2onnx_handler() -> None:
+    from tf2onnx import tf_utils
+    from tf2onnx.handler import tf_op
+
+    tf_utils.TF_IGNORED_NODE_ATTRS.update(_XLA_CALL_MODULE_ATTRS)
+
+    @tf_op("XlaCallModule")
+    class _XlaCallModule:
+        @classmethod
+        def version_1(cls, ctx, node, **kwargs):
+            _xla_call_module_to_onnx(ctx, node)
+
+    # jax2tf marks results it computes no gradient for; in an inference graph, the identity.
+    @tf_op("PreventGradient")
+    class _PreventGradient:
+        @classmethod
+        def version_1(cls, ctx, node, **kwargs):
+            node.type = "Identity"
+            node.attr.pop("message", None)
+
+
+class _Tf2OnnxEmitter:
+    """`_onnx.Emitter` into a tf2onnx graph (handles are tensor names)."""
+
+    def __init__(self, ctx, prefix: str):
+        self.ctx, self.prefix, self.count = ctx, prefix, 0
+
+    def _name(self) -> str:
+        self.count += 1
+        return f"{self.prefix}/{self.count}"
+
+    def constant(self, array):
+        return self.ctx.make_const(self._name(), array).output[0]
+
+    def node(self, op_type, inputs, attrs, n_outputs, domain):
+        made = self.ctx.make_node(
+            op_type,
+            list(inputs),
+            attr=attrs,
+            output_count=n_outputs,
+            name=self._name(),
+            domain=domain or None,
+        )
+        return list(made.output)
+
+
+def _xla_call_module_to_onnx(ctx, node) -> None:
+    """Replaces one of our `XlaCallModule` ops in a tf2onnx graph by the ONNX nodes jax2onnx
+    makes of the same JAX function."""
+    from onnx import helper
+
+    from flaxlayer._onnx import onnx_graph, replay
+
+    module = node.get_attr_value("module")
+    converted = _BY_MODULE.get(hashlib.sha256(module).digest()) if module else None
+    if converted is None:
+        raise NotImplementedError(
+            f"tf2onnx: the XlaCallModule op {node.name!r} was not made by a flaxlayer layer in "
+            "this process (or its layer is gone); only those can be converted to ONNX."
+        )
+    args = [
+        jax.ShapeDtypeStruct(
+            tuple(d if d >= 0 else None for d in ctx.get_shape(i) or ()),
+            helper.tensor_dtype_to_np_dtype(ctx.get_dtype(i)),
+        )
+        for i in node.input
+    ]
+    graph = onnx_graph(converted.fun, converted.onnx_structs(args), ctx.opset, converted.owner)
+    outs = replay(graph, list(node.input), _Tf2OnnxEmitter(ctx, node.name), converted.owner)
+    old = list(node.output)
+    ctx.remove_node(node.name)
+    for before, after in zip(old, outs, strict=True):
+        ctx.replace_all_inputs(before, after)
 
 
 def untouched_empty(shape, dtype) -> tf.Tensor:

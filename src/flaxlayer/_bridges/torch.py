@@ -6,6 +6,8 @@ params. Calls that need no gradient run the jitted function alone. JAX compiles 
 input signature.
 """
 
+import itertools
+import warnings
 from collections.abc import Callable
 
 import jax
@@ -180,6 +182,8 @@ def compile_torch(pure: Callable, owner: str) -> Callable:
         flat_x = [x if isinstance(x, torch.Tensor) else torch.as_tensor(x) for x in flat_x]
         if _on_meta(flat_x) or _on_meta(params) or (rng is not None and _on_meta([rng])):
             return symbolic(params, state, rng, x_def.unflatten(flat_x), training)
+        if torch.jit.is_tracing():
+            return _traced(plain, pure, owner, params, state, rng, flat_x, x_def, training)
         rng_jax = None if rng is None else to_jax(rng, owner)
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (*params, *flat_x))
         if not needs_grad:
@@ -199,6 +203,106 @@ def compile_torch(pure: Callable, owner: str) -> Callable:
     # Under torch.compile (Keras's jit_compile=True), dynamo cannot trace into JAX: it runs this
     # call as it is (already compiled by XLA) and compiles the torch code around it.
     return torch.compiler.disable(run)
+
+
+# ---------------------------------------------------------------------------------- export
+
+
+def _traced(plain, pure, owner, params, state, rng, flat_x, x_def, training):
+    """A call under torch's tracer. torch.onnx's exporter (TorchScript) gets the call as one
+    `_OnnxExport` op, which it turns into the ONNX nodes jax2onnx makes of the same function;
+    anything else tracing (torch.jit.trace, OpenVINO's converter) cannot see into JAX."""
+    from flaxlayer._bridges import check_export_format
+
+    check_export_format(owner)
+    if not torch.onnx.is_in_onnx_export():
+        raise RuntimeError(
+            f"{owner}: torch.jit.trace cannot record this layer: its computation runs in JAX, "
+            "outside torch's tracer. Export the model to ONNX instead: "
+            'model.export("model.onnx", format="onnx").'
+        )
+    fixed = [*params, *state, *([rng] if rng is not None else [])]
+    n_params, n_state = len(params), len(state)
+    out_def: list = [None]
+
+    def flat(*args):
+        r = args[n_params + n_state] if rng is not None else None
+        x = x_def.unflatten(list(args[len(fixed) :]))
+        result = pure(
+            list(args[:n_params]), list(args[n_params : n_params + n_state]), r, x, training
+        )
+        leaves, out_def[0] = jax.tree.flatten(result)
+        return leaves
+
+    # Every input's leading dimension is its batch: the exported graph takes any batch size.
+    structs = [_struct(t) for t in fixed] + [
+        jax.ShapeDtypeStruct(("batch", *t.shape[1:]) if t.ndim else (), _struct(t).dtype)
+        for t in flat_x
+    ]
+    key = next(_KEYS)
+    _EXPORTS[key] = (flat, structs, owner)
+    while len(_EXPORTS) > _KEEP_EXPORTS:
+        del _EXPORTS[next(iter(_EXPORTS))]
+    outs = _OnnxExport.apply(key, *fixed, *flat_x)
+    return out_def[0].unflatten(list(outs))
+
+
+# The calls traced for export, by key: (flat function, jax2onnx input specs, owner). The
+# exporter turns a traced op into ONNX (`symbolic`) after tracing: the latest few are kept.
+_EXPORTS: dict[int, tuple] = {}
+_KEYS = itertools.count()
+_KEEP_EXPORTS = 64
+
+
+class _OnnxExport(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, key, *tensors):
+        flat, _, owner = _EXPORTS[key]
+        outs = jax.jit(flat)(*[to_jax(t, owner) for t in tensors])
+        # Copies: torch's tracer cannot record a tensor imported through DLPack. It warns that
+        # these are constants; `symbolic` replaces them by the computation.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+            return tuple(torch.from_numpy(np.array(x)) for x in outs)
+
+    @staticmethod
+    def symbolic(g, key, *values):
+        from flaxlayer._onnx import onnx_graph, replay
+
+        flat, structs, owner = _EXPORTS[key]
+        graph = onnx_graph(flat, structs, g.opset, owner)
+        outs = replay(graph, values, _TorchEmitter(g), owner)
+        return outs[0] if len(outs) == 1 else tuple(outs)
+
+
+class _TorchEmitter:
+    """`_onnx.Emitter` into a TorchScript ONNX graph (handles are graph values)."""
+
+    def __init__(self, g):
+        self.g = g
+
+    def constant(self, array):
+        return self.g.op("Constant", value_t=torch.from_numpy(np.array(array)))
+
+    def node(self, op_type, inputs, attrs, n_outputs, domain):
+        kwargs = dict(_torch_attribute(k, v) for k, v in attrs.items())
+        name = f"{domain}::{op_type}" if domain else op_type
+        out = self.g.op(name, *inputs, outputs=n_outputs, **kwargs)
+        return list(out) if n_outputs > 1 else [out]
+
+
+def _torch_attribute(name: str, value) -> tuple[str, object]:
+    """An ONNX attribute as TorchScript's `g.op` takes it: the name suffixed with its kind."""
+    from onnx import TensorProto, numpy_helper
+
+    if isinstance(value, TensorProto):
+        return f"{name}_t", torch.from_numpy(np.array(numpy_helper.to_array(value)))
+    items = value if isinstance(value, list) else [value]
+    if isinstance(value, bytes) or (items and isinstance(items[0], bytes)):
+        decoded = [v.decode() for v in items]
+        return f"{name}_s", decoded if isinstance(value, list) else decoded[0]
+    kind = "f" if any(isinstance(v, float) for v in items) else "i"
+    return f"{name}_{kind}", value
 
 
 def untouched_empty(shape, dtype) -> torch.Tensor:
