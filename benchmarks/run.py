@@ -7,14 +7,15 @@ Measures, side by side in one run:
     `keras.layers.FlaxLayer`, against a hand-written Flax + Optax loop with data already on
     device: one jitted step per batch (`optax/step`), and one jitted `lax.scan` over the epoch
     (`optax/scan`, the limit for an overhead-bound model);
-(b) eager `layer(x)` latency and `predict_on_batch` latency on the benchmark MLP (6 blocks of
-    Dense + BatchNorm, 128 wide) at batch 1, 32 and 256, against the module's own
-    `jax.jit(module.apply)`; at batch 32 also an NNX FlaxLayer and a JaxLayer;
+(b) eager `layer(x)` latency on device arrays and on NumPy arrays, and `predict_on_batch`
+    latency, on the benchmark MLP (6 blocks of Dense + BatchNorm, 64 wide) at batch 1, 32 and
+    256, against the module's own `jax.jit(module.apply)` on the same inputs; at batch 1 and 32
+    also an NNX FlaxLayer and a JaxLayer;
 (c) build time and peak memory over 1 GiB of parameters (each build in a fresh process, see
     `build_memory.py`) against a plain `module.init`;
-(d) the TensorFlow and PyTorch backends' `fit` step time for the CNN relative to JAX's (and for
-    reference the same CNN written in Keras layers on each backend: what the backend itself
-    costs), and their eager `layer(x)` latency on the benchmark MLP at batch 32.
+(d) the TensorFlow and PyTorch backends' `fit` step time for the CNN against the same CNN
+    written in Keras's own layers on each backend (and both relative to JAX's), and their eager
+    `layer(x)` latency on the benchmark MLP at batch 32.
 
 Timing on a shared machine drifts, so every comparison is interleaved: each repeat times every
 variant once, in alternating order (forward, then backward), and ratios are taken within a
@@ -23,14 +24,15 @@ worker processes (`worker.py`, one per Keras backend); each is compiled and warm
 first repeat, so no timing includes compilation. Data are synthetic (fixed seeds).
 
 Targets (from the performance issue; the run exits 1 if one is missed):
-  T1  eager `layer(x)` at batch 32 costs at most 3x `jax.jit(module.apply)` (FlaxLayer on Linen
-      and NNX, JaxLayer; and FlaxLayer on the TensorFlow and PyTorch backends, since the compiled
-      function is cached per backend too), with the same outputs;
+  T1  eager `layer(x)` at batch 1 and 32 costs at most 2x `jax.jit(module.apply)` on the same
+      inputs, device arrays and NumPy arrays (FlaxLayer on Linen and NNX, JaxLayer), with the
+      same outputs; on the TensorFlow and PyTorch backends at most 3x (batch 32);
   T2  `fit` throughput at least keras.layers.FlaxLayer's on every workload, and at least 0.85x
       the hand-written per-step loop's on the CNN (`steps_per_execution` 1, Keras's default);
   T3  building over 1 GiB: peak memory at most 1.2x the param bytes, time at most a plain
       `module.init`'s;
-  T4  TensorFlow and PyTorch `fit` step time at most 1.3x JAX's on the CNN.
+  T4  the CNN's `fit` step on TensorFlow at most the same CNN in Keras's own layers' step there
+      (1.0x), on PyTorch at most 1.1x.
 "At least" / "at most" against an equal reference allow for measurement noise: the median ratio
 may miss by up to NOISE (5%) and still pass (marked "within noise"): here, single timings of
 identical code vary 0.88-1.17x, and medians of ours / keras.layers.FlaxLayer on the tiny MLP,
@@ -66,9 +68,10 @@ import build_memory  # benchmarks/ is on sys.path: run.py runs as a script
 HERE = Path(__file__).resolve().parent
 
 NOISE = 0.05
-EAGER_TARGET = 3.0
+EAGER_TARGET = 2.0
+BACKEND_EAGER_TARGET = 3.0
 OPTAX_TARGET = 0.85
-BACKEND_TARGET = 1.3
+BACKEND_TARGETS = {"tensorflow": 1.0, "torch": 1.1}  # step time vs Keras's own layers
 MEMORY_TARGET = build_memory.TARGET_RATIO
 SECTIONS = ("fit", "eager", "build", "backends")
 SNIPPET = "results"  # the section of results.md that docs/performance.md includes
@@ -76,9 +79,18 @@ DOCS_CHART = HERE.parent / "docs" / "assets" / "results.png"
 BACKENDS = ("jax", "tensorflow", "torch")
 BACKEND_VARIANTS = ("ours/spe1", "native/spe1")
 FIT_VARIANTS = ("ours/spe1", "keras/spe1", "ours/spe32", "keras/spe32", "optax/step", "optax/scan")
-EAGER_VARIANTS = ("ours/call", "keras/call", "apply/jit", "ours/predict", "keras/predict")
-EAGER_EXTRA = ("nnx/call", "jaxlayer/call")  # at the target batch only
-EAGER_TARGET_BATCH = 32
+EAGER_VARIANTS = (
+    "ours/call",
+    "ours/callnp",
+    "keras/call",
+    "apply/jit",
+    "apply/jitnp",
+    "ours/predict",
+    "keras/predict",
+)
+EAGER_EXTRA = ("nnx/call", "nnx/callnp", "jaxlayer/call", "jaxlayer/callnp")  # target batches
+EAGER_TARGET_BATCHES = (1, 32)
+BACKEND_EAGER_BATCH = 32
 BUILD_CASES = ("flaxlayer", "init", "keras")
 
 CONFIGS = {
@@ -113,8 +125,9 @@ LABELS = {
     "optax/step": "Flax + Optax, jitted step",
     "optax/scan": "Flax + Optax, lax.scan epoch",
     "apply/jit": "jax.jit(module.apply)",
-    "nnx/call": "flaxlayer.FlaxLayer (NNX)",
-    "jaxlayer/call": "flaxlayer.JaxLayer",
+    "apply/jitnp": "jax.jit(module.apply) on NumPy",
+    "nnx": "flaxlayer.FlaxLayer (NNX)",
+    "jaxlayer": "flaxlayer.JaxLayer",
     "flaxlayer": "flaxlayer.FlaxLayer",
     "init": "plain module.init",
     "native": "the CNN in Keras layers",
@@ -232,7 +245,7 @@ class Stat:
 
 
 def _eager_variants(batch: int) -> tuple:
-    return EAGER_VARIANTS + (EAGER_EXTRA if batch == EAGER_TARGET_BATCH else ())
+    return EAGER_VARIANTS + (EAGER_EXTRA if batch in EAGER_TARGET_BATCHES else ())
 
 
 def _setup_items(workers: dict, config: dict, sections: set) -> tuple[list, dict]:
@@ -253,7 +266,7 @@ def _setup_items(workers: dict, config: dict, sections: set) -> tuple[list, dict
             setup("jax", "fit", f"fit/{workload}", {**params, "workload": workload}, FIT_VARIANTS)
     if "backends" in sections:
         params = {**config["backends"], "workload": "cnn"}
-        eager = {"batch": EAGER_TARGET_BATCH, "budget": config["eager_budget"]}
+        eager = {"batch": BACKEND_EAGER_BATCH, "budget": config["eager_budget"]}
         for backend in BACKENDS:
             setup(backend, "fit", "backend/cnn", params, BACKEND_VARIANTS)
             variants = ("ours/call", "apply/jit") if backend == "jax" else ("ours/call",)
@@ -300,7 +313,8 @@ def _variant_label(variant: str) -> str:
         return LABELS[variant]
     if what.startswith("spe"):
         return f"{LABELS[kind]}, steps_per_execution={what[3:]}"
-    return f"{LABELS[kind]} {'layer(x)' if what == 'call' else 'predict_on_batch'}"
+    calls = {"call": "layer(x)", "callnp": "layer(x) on NumPy", "predict": "predict_on_batch"}
+    return f"{LABELS[kind]} {calls[what]}"
 
 
 #: A measured quantity: timed items as (backend, key, variant), each build of a case as
@@ -360,7 +374,7 @@ TABLES = {
                  Column("vs JAX", chart=True),
                  Column("the CNN in Keras layers step (ms)", unit="", scale=1000),
                  Column("vs JAX", chart=True),
-                 Column("flaxlayer / Keras layers")),
+                 Column("flaxlayer / Keras layers", chart=True)),
     "backends eager": (Column("backend", align=LABEL),
                        Column("flaxlayer.FlaxLayer layer(x) (ms)", ".3f", unit="", scale=1000),
                        Column("vs jax.jit(module.apply)", chart=True)),
@@ -376,7 +390,8 @@ def _section(table: str) -> str:
 def _jax_cells(key: str, variant: str, reference: str) -> tuple:
     """A JAX-worker variant, its reference, and the cell keras / ours (for ours only)."""
     item, keras = ("jax", key, variant), ("jax", key, variant.replace("ours", "keras"))
-    return item, ("jax", key, reference), (keras, item) if variant.startswith("ours/") else None
+    ours = variant.startswith("ours/") and keras[2] in FIT_VARIANTS + EAGER_VARIANTS
+    return item, ("jax", key, reference), (keras, item) if ours else None
 
 
 def table_rows(config: dict) -> dict[str, dict]:
@@ -390,7 +405,8 @@ def table_rows(config: dict) -> dict[str, dict]:
             rows["fit"][w, v] = (label, _variant_label(v), (samples, item), (ref, item), keras)
     for batch in config["eager_batches"]:
         for v in _eager_variants(batch):
-            item, ref, keras = _jax_cells(f"eager/b{batch}", v, "apply/jit")
+            reference = "apply/jitnp" if v.endswith("np") else "apply/jit"
+            item, ref, keras = _jax_cells(f"eager/b{batch}", v, reference)
             rows["eager"][batch, v] = (batch, _variant_label(v), (item, 1), (item, ref), keras)
     init, param_bytes = ("build", "init", "seconds"), build_memory.PARAM_BYTES
     for case in BUILD_CASES:
@@ -468,7 +484,13 @@ class Goal:
 def goals(config: dict, sections: set) -> list[Goal]:
     """The performance goals (from the performance issue), as data: each names its cell of
     `table_rows` by table, row key and column header (the first column of that header)."""
-    rows, b, others = table_rows(config), EAGER_TARGET_BATCH, BACKENDS[1:]
+    rows, b, others = table_rows(config), BACKEND_EAGER_BATCH, BACKENDS[1:]
+    eager_calls = [
+        (batch, f"{kind}/{call}")
+        for batch in EAGER_TARGET_BATCHES
+        for kind in ("ours", "nnx", "jaxlayer")
+        for call in ("call", "callnp")
+    ]
     apply_jit = "vs jax.jit(module.apply)"
     fit_references = (  # ours / keras on every workload, ours / Optax on the CNN at spe 1
         ("keras", "ours / keras", 1.0, NOISE),
@@ -481,10 +503,10 @@ def goals(config: dict, sections: set) -> list[Goal]:
 
     # fmt: off
     table = [
-        *[goal(f"T1 eager {_variant_label(v)}, batch {b}: {apply_jit}", "eager", (b, v),
-               apply_jit, EAGER_TARGET) for v in ("ours/call", "nnx/call", "jaxlayer/call")],
+        *[goal(f"T1 eager {_variant_label(v)}, batch {batch}: {apply_jit}", "eager",
+               (batch, v), apply_jit, EAGER_TARGET) for batch, v in eager_calls],
         *[goal(f"T1 eager flaxlayer.FlaxLayer layer(x), batch {b}, {be} backend: {apply_jit}",
-               "backends eager", be, apply_jit, EAGER_TARGET) for be in others],
+               "backends eager", be, apply_jit, BACKEND_EAGER_TARGET) for be in others],
         *[goal(f"T2 fit {w}, steps_per_execution={spe}: ours / {reference}", "fit",
                (w, f"ours/spe{spe}"), header, limit, False, tolerance)
           for w in config["fit"] for spe in ("1", "32")
@@ -494,8 +516,8 @@ def goals(config: dict, sections: set) -> list[Goal]:
              "peak memory (x param bytes)", MEMORY_TARGET),
         goal("T3 build time / plain module.init", "build", "flaxlayer",
              "time vs plain module.init", 1.0, tolerance=NOISE),
-        *[goal(f"T4 fit cnn step time, {be} / jax", "backends", be, "vs JAX", BACKEND_TARGET)
-          for be in others],
+        *[goal(f"T4 fit cnn step time, {be}: ours / the CNN in Keras layers", "backends", be,
+               "flaxlayer / Keras layers", BACKEND_TARGETS[be]) for be in others],
     ]
     # fmt: on
     return [g for g in table if g.section in sections]
@@ -517,7 +539,7 @@ def analyse(items, builds, config, sections, meta) -> dict:
     if "backends" in sections:
         tables["backends"] += [
             "",
-            f"Eager `layer(x)` on the benchmark MLP, batch {EAGER_TARGET_BATCH}, per backend "
+            f"Eager `layer(x)` on the benchmark MLP, batch {BACKEND_EAGER_BATCH}, per backend "
             "(inputs are the backend's own tensors), against JAX's `jax.jit(module.apply)`:",
             "",
             *tables.pop("backends eager"),
@@ -625,7 +647,9 @@ def write_markdown(path: Path, chart: Path | None, analysis, config, sections, m
         ),
         "eager": (
             "Latency of one call, waited for (`jax.block_until_ready`); `layer(x)` on a device "
-            "array, `predict_on_batch` on a NumPy array. Same variables in every variant "
+            "array, `layer(x) on NumPy` and `predict_on_batch` on a NumPy array, each against "
+            "`jax.jit(module.apply)` on the same kind of input (`predict_on_batch` against the "
+            "device array's). Same variables in every variant "
             "(the NNX network is the same architecture with its own initial values)."
         ),
         "build": (
@@ -730,18 +754,32 @@ def chart_panels(analysis: dict, sections: set) -> list[Panel]:
         bars = [  # per backend, its two chart columns: ours and the CNN in Keras layers
             (f"{backend}: {what}", stat, library)
             for backend, stats in figures["backends"].items()
-            for (what, library), stat in zip(kinds, stats, strict=True)
+            for (what, library), stat in zip(kinds, stats[:2], strict=True)
         ]
-        lines = [(1.0, "gray", "-", "JAX backend"), _goal_line(BACKEND_TARGET)]
+        lines = [(1.0, "gray", "-", "JAX backend")]
         title = "Other backends: CNN fit step time / the JAX backend's (lower is better)"
         panels.append(Panel(title, "step time relative to JAX", bars, lines))
+        bars = [
+            (
+                f"{backend}: flaxlayer.FlaxLayer (goal {BACKEND_TARGETS[backend]}x)",
+                stats[2],
+                "flaxlayer",
+            )
+            for backend, stats in figures["backends"].items()
+            if backend in BACKEND_TARGETS
+        ]
+        lines = [(1.0, "gray", "-", "the CNN in Keras layers")]
+        title = (
+            "Other backends: CNN fit step time / the same CNN in Keras layers' (lower is better)"
+        )
+        panels.append(Panel(title, "step time relative to Keras layers", bars, lines))
         bars = [
             (f"{backend}: flaxlayer.FlaxLayer layer(x)", stat, "flaxlayer")
             for backend, (stat,) in figures["backends eager"].items()
         ]
         title = "Other backends: eager layer(x) / jax.jit(module.apply) (lower is better)"
         xlabel = "latency relative to jax.jit(module.apply)"
-        panels.append(Panel(title, xlabel, bars, [_goal_line(EAGER_TARGET)]))
+        panels.append(Panel(title, xlabel, bars, [_goal_line(BACKEND_EAGER_TARGET)]))
     return panels
 
 

@@ -229,7 +229,8 @@ def _block_call_fn(module):
 
 
 def setup_eager(params: dict, variants: list[str]) -> tuple[dict, dict]:
-    """The block MLP at one batch size: eager calls, predict_on_batch, the jitted apply."""
+    """The block MLP at one batch size: eager calls on the backend's tensors (`call`) and on
+    NumPy arrays (`callnp`), predict_on_batch, the jitted apply on each (`jit`, `jitnp`)."""
     batch = params["batch"]
     x_np = workloads.block_inputs(batch)
     x = keras.ops.convert_to_tensor(x_np)
@@ -248,9 +249,9 @@ def setup_eager(params: dict, variants: list[str]) -> tuple[dict, dict]:
         layers["ours"] = flaxlayer.FlaxLayer(module, variables=own_copy())
     if any(v.startswith("keras/") for v in variants):
         layers["keras"] = keras.layers.FlaxLayer(module, variables=own_copy())
-    if "nnx/call" in variants:
+    if any(v.startswith("nnx/") for v in variants):
         layers["nnx"] = flaxlayer.FlaxLayer(workloads.BlockMLPNNX(nnx.Rngs(workloads.SEED)))
-    if "jaxlayer/call" in variants:
+    if any(v.startswith("jaxlayer/") for v in variants):
         copy = own_copy()
         layers["jaxlayer"] = flaxlayer.JaxLayer(
             _block_call_fn(module),
@@ -269,8 +270,12 @@ def setup_eager(params: dict, variants: list[str]) -> tuple[dict, dict]:
         kind, what = name.split("/")
         if name == "apply/jit":
             fn = lambda: apply(variables, x_jax)  # noqa: E731
+        elif name == "apply/jitnp":
+            fn = lambda: apply(variables, x_np)  # noqa: E731
         elif what == "call":
             fn = lambda layer=layers[kind]: layer(x)  # noqa: E731
+        elif what == "callnp":
+            fn = lambda layer=layers[kind]: layer(x_np)  # noqa: E731
         else:
             fn = lambda model=models[kind]: model.predict_on_batch(x_np)  # noqa: E731
         made[name] = EagerVariant(fn)

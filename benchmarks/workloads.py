@@ -5,7 +5,7 @@
   28x28x1 images. Compute-bound.
 - `TinyMLP`: Dense 64, relu, Dense 10, softmax on 32 features. Overhead-bound: a step is mostly
   dispatch and bookkeeping, so it shows what a layer adds per step.
-- `BlockMLP` / `BlockMLPNNX`: 6 blocks of Dense(128) + BatchNorm + relu, then Dense 10 (Linen and
+- `BlockMLP` / `BlockMLPNNX`: 6 blocks of Dense(64) + BatchNorm + relu, then Dense 10 (Linen and
   NNX): the benchmark MLP for eager `layer(x)` and `predict_on_batch` latency.
 - `Encoder`: a transformer encoder (pre-norm attention and MLP blocks) for fine-tuning.
 
@@ -24,7 +24,7 @@ SEED = 0
 N_CLASSES = 10
 CNN_INPUT = (28, 28, 1)
 MLP_FEATURES = 32
-BLOCK_FEATURES = 128
+BLOCK_FEATURES = 64
 BLOCKS = 6
 
 

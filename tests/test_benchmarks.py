@@ -34,7 +34,7 @@ def synthetic(run, seconds):
     config = run.CONFIGS["full"]
     keys = [(f"fit/{w}", run.FIT_VARIANTS) for w in config["fit"]]
     keys += [
-        (f"eager/b{b}", run.EAGER_VARIANTS + (run.EAGER_EXTRA if b == 32 else ()))
+        (f"eager/b{b}", run.EAGER_VARIANTS + (run.EAGER_EXTRA if b in (1, 32) else ()))
         for b in config["eager_batches"]
     ]
     items = [run.Item("jax", k, v, [seconds("jax", k, v)] * 3) for k, vs in keys for v in vs]
@@ -55,9 +55,11 @@ def synthetic(run, seconds):
 def test_every_goal_of_a_full_run_is_in_the_table(run):
     config = run.CONFIGS["full"]
     table = run.goals(config, set(run.SECTIONS))
-    # 14 ratio goals; the report adds a 15th, the outputs check (max abs difference).
-    assert len(table) == 14
-    assert len({g.name for g in table}) == 14
+    # 23 ratio goals; the report adds a 24th, the outputs check (max abs difference). T1:
+    # 2 batches x (Linen, NNX, JaxLayer) x (device, NumPy inputs), and TF and torch eager.
+    assert len(table) == 23
+    assert len({g.name for g in table}) == 23
+    assert len([g for g in table if g.name.startswith("T1")]) == 14
     assert {g.name[:2] for g in table} == {"T1", "T2", "T3", "T4"}
     only_fit = run.goals(config, {"fit"})
     assert {g.section for g in only_fit} == {"fit"} and len(only_fit) == 5
@@ -80,8 +82,35 @@ def test_verdicts_and_the_summary_line(run):
     ]
     assert verdicts["T3 build peak memory / param bytes"] == "PASS"  # 1.1x <= 1.2x
     lines = run._summary_lines({"targets": targets})
-    assert lines[-1].startswith("12 of 14 goals met, 2 missed (FAIL).")
+    assert lines[-1].startswith("21 of 23 goals met, 2 missed (FAIL).")
     assert "exits 1 when any goal is missed, as it did" in lines[-1]
+
+
+def test_eager_goals_compare_numpy_calls_with_jit_on_numpy(run):
+    def seconds(backend, key, variant):
+        if variant in ("apply/jitnp", "ours/callnp", "nnx/callnp", "jaxlayer/callnp"):
+            return 3.0  # NumPy calls: slow, and as slow as jax.jit on NumPy
+        return 1.0
+
+    config, items, builds = synthetic(run, seconds)
+    targets = run.evaluate_goals(run.goals(config, {"eager"}), items, builds)
+    numpy_goals = [t for t in targets if "on NumPy" in t.name]
+    assert len(numpy_goals) == 6 and all(t.stat.median == 1.0 for t in numpy_goals)
+
+
+def test_backend_steps_are_judged_against_keras_layers_on_that_backend(run):
+    def seconds(backend, key, variant):
+        if key == "cnn" and backend != "jax":  # both 2x JAX; torch's ours 1.2x its native
+            return 2.4 if (backend, variant) == ("torch", "ours/spe1") else 2.0
+        return 1.0
+
+    config, items, builds = synthetic(run, seconds)
+    targets = run.evaluate_goals(run.goals(config, {"backends"}), items, builds)
+    verdicts = {t.name: t.verdict for t in targets if t.name.startswith("T4")}
+    assert verdicts == {
+        "T4 fit cnn step time, tensorflow: ours / the CNN in Keras layers": "PASS",
+        "T4 fit cnn step time, torch: ours / the CNN in Keras layers": "FAIL",
+    }
 
 
 def test_a_miss_within_noise_passes_and_says_so(run):

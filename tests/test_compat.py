@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 
 import keras
+import numpy as np
 import pytest
 
 SRC = Path(__file__).resolve().parent.parent / "src" / "flaxlayer"
@@ -121,3 +122,32 @@ def test_module_kind_branches_live_in_the_adapters():
         if MODULE_KIND_IMPORT.search(path.read_text(encoding="utf-8"))
     ]
     assert not offenders, f"flax.linen / flax.nnx imported outside the adapters: {offenders}"
+
+
+def test_keras_call_scopes_are_where_compat_reads_them():
+    from keras.src.backend import AutocastScope
+    from keras.src.backend.common.symbolic_scope import SymbolicScope
+
+    from flaxlayer._compat import keras_call_is_plain, variable_values
+
+    x = keras.ops.ones((2, 3))
+    assert keras_call_is_plain(x)
+    for scope in (keras.StatelessScope(), SymbolicScope(), AutocastScope("float16")):
+        with scope:
+            assert not keras_call_is_plain(x), f"update _compat.keras_call_is_plain: {scope}"
+    seen = []
+
+    class Probe(keras.layers.Layer):
+        def call(self, inputs):
+            seen.append(keras_call_is_plain(inputs))
+            return inputs
+
+    Probe()(x)
+    assert seen == [False], "update _compat.keras_call_is_plain: enclosing layer calls"
+    masked = keras.layers.Masking(0.0)(x)
+    assert not keras_call_is_plain(masked), "update _compat.keras_call_is_plain: masks"
+    layer = keras.layers.Dense(2)
+    layer.build((None, 3))
+    values = [keras.ops.convert_to_numpy(v) for v in variable_values(layer.weights)]
+    for value, variable in zip(values, layer.weights, strict=True):
+        np.testing.assert_array_equal(value, keras.ops.convert_to_numpy(variable.value))

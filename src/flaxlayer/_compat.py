@@ -36,16 +36,21 @@ __all__ = [
     "initialize_deferred",
     "inputs_used",
     "is_deferred",
+    "jax_host_array_to_torch",
     "jax_stablehlo_target",
+    "keras_call_is_plain",
     "keras_export_format",
     "keras_safe_mode",
     "key_impl_name",
     "pytree_state",
     "replace_variable_value",
     "serialize_portable",
+    "tensorflow_flat_call",
+    "tensorflow_tape_records",
     "tracked_variables",
     "unlocked_tracker",
     "untrack_variable",
+    "variable_values",
 ]
 
 
@@ -72,6 +77,35 @@ def unlocked_tracker(layer: Any) -> Iterator[None]:
     finally:
         if locked:
             layer._tracker.lock()
+
+
+# What Keras's `Layer.__call__` reads from its thread-local state: an enclosing layer's call,
+# a stateless, symbolic or autocast scope, a distribution.
+_CALL_SCOPES = (
+    "current_call_ctx",
+    "stateless_scope",
+    "symbolic_scope",
+    "autocast_scope",
+    "distribution",
+)
+
+
+def keras_call_is_plain(x: Any) -> bool:
+    """Whether Keras's `Layer.__call__` on `x` would do nothing beyond calling `call`: no
+    enclosing layer call, Keras scope or distribution is active, and `x` carries no mask."""
+    state = global_state.GLOBAL_STATE_TRACKER.__dict__
+    if any(state.get(name) is not None for name in _CALL_SCOPES):
+        return False
+    if getattr(x, "_keras_mask", None) is not None:
+        return False
+    masks = state.get("_keras_mask_dict")
+    return not masks or id(x) not in masks
+
+
+def variable_values(variables: Iterable[Any]) -> list:
+    """The variables' values as `Variable.value` gives them outside every Keras scope (no
+    stateless-scope lookup, no autocast): what `keras_call_is_plain` vouches for."""
+    return [v._value for v in variables]
 
 
 def tracked_variables(layer: Any) -> list:
@@ -152,6 +186,25 @@ def keras_export_format() -> str | None:
     return found
 
 
+def jax_host_array_to_torch() -> Any:
+    """`convert(array)`: a torch tensor sharing a single-device CPU JAX array's buffer.
+
+    The two calls `torch.from_dlpack(array)` ends in, without the Python wrappers on both sides
+    around them (~15 us per array, against ~1 us): the PyTorch bridge hands back several arrays
+    per call. Only for CPU arrays: no stream is passed. The export waits until the array is
+    computed. torch is imported here, by the PyTorch bridge only.
+    """
+    import torch
+
+    to_capsule = jax_lib.buffer_to_dlpack_managed_tensor
+    from_capsule = torch._C._from_dlpack
+
+    def convert(array: Any) -> Any:
+        return from_capsule(to_capsule(array, stream=None))
+
+    return convert
+
+
 # --------------------------------------------------- JAX's serializer, for the TensorFlow bridge
 
 
@@ -192,3 +245,28 @@ def serialize_portable(module: Any, target: str) -> bytes:
     return jax_lib.mlir.serialize_portable_artifact(
         expanded, target, jax_xla_bridge.get_backend().serialize_with_sdy
     )
+
+
+# ------------------------------------------------------------ TensorFlow's gradient tapes
+
+
+def tensorflow_tape_records(tensors: Iterable[Any] | None = None) -> bool:
+    """Whether a TensorFlow gradient tape records an operation on `tensors` now (None: on any
+    tensor, i.e. whether a tape is active). Imported here, when asked: TensorFlow is optional.
+    """
+    from tensorflow.python.eager import record
+
+    if tensors is None:
+        return record.could_possibly_record()
+    return record.should_record_backprop(list(tensors))
+
+
+def tensorflow_flat_call(concrete: Any) -> Any:
+    """`call(tensors)` of a `tf.function`'s concrete function on its flat tensor arguments,
+    without TensorFlow binding them to its signature first (a third of a small eager call)."""
+    captured = concrete.captured_inputs
+
+    def call(tensors: list) -> Any:
+        return concrete._call_flat(tensors, captured)
+
+    return call

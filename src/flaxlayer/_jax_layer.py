@@ -16,6 +16,7 @@ from flaxlayer._adapter import NEVER, SPEC_KEY, Adapter, PerMode, Plan
 from flaxlayer._bridges import (
     check_backend,
     compile_for_backend,
+    eager_input,
     jax_copy,
     outside_compiled_graphs,
     placeholder_for_loading,
@@ -65,6 +66,10 @@ from flaxlayer._variables import (
 _PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
 
 
+# Returned by the eager fast path where Keras's `Layer.__call__` must take the call.
+_KERAS_PATH = object()
+
+
 def _not_built(*args: Any, **kwargs: Any) -> Any:
     raise RuntimeError("flaxlayer: the layer's program exists once the layer is built.")
 
@@ -108,6 +113,12 @@ class _Core:
         self.finetune: Any = None
         # Where the stored params and the state are in the layer's tracked variables.
         self.positions: tuple[tuple[int, ...], tuple[int, ...]] = ((), ())
+        # The eager fast path (`JaxLayer.__call__`): the backend's input check, None where the
+        # layer always takes Keras's path; the float dtype inputs are cast to, for the dtype
+        # policy it was found for (None: that policy needs Keras's path).
+        self.eager_input: Callable[[Any, np.dtype], Any] | None = None
+        self.eager_policy: Any = None
+        self.eager_dtype: np.dtype | None = None
 
     @property
     def extra_vars(self) -> list:
@@ -223,10 +234,59 @@ class JaxLayer(FineTuning, keras.layers.Layer):
     # ----------------------------------------------------------------------------------- build
 
     def __call__(self, *args, **kwargs):
+        if (
+            self._core.eager_input is not None
+            and len(args) == 1
+            and (not kwargs or kwargs.keys() == {"training"})
+        ):
+            outputs = self._eager_call(args[0], kwargs.get("training"))
+            if outputs is not _KERAS_PATH:
+                return outputs
         if not self.built:
             inputs = args[0] if args else kwargs.get("inputs")
             self._core.input_spec = spec_of(inputs, self.compute_dtype)
         return super().__call__(*args, **kwargs)
+
+    def _eager_call(self, x: Any, training: Any) -> Any:
+        """`layer(x)` on one concrete array, outside any Keras call, scope or trace: the
+        compiled program runs with only what Keras's `Layer.__call__` would do for this call
+        (cast a float `x` to the input dtype, clear the previous call's losses, resolve
+        `training`: given, else False). Returns `_KERAS_PATH` where anything more is needed
+        (a mask, a scope, an enclosing layer's call, mixed precision, a layer still loading,
+        an activity regularizer or input spec): `Layer.__call__` then takes the call."""
+        core = self._core
+        if core.loading or core.pending or core.placeholders:
+            return _KERAS_PATH
+        if self.activity_regularizer is not None or self.input_spec is not None:
+            return _KERAS_PATH
+        policy = self.dtype_policy
+        if policy is not core.eager_policy:
+            core.eager_policy, core.eager_dtype = policy, self._plain_input_dtype()
+        if core.eager_dtype is None or not self.autocast or not _compat.keras_call_is_plain(x):
+            return _KERAS_PATH
+        inputs = core.eager_input(x, core.eager_dtype)
+        if inputs is None:
+            return _KERAS_PATH
+        self._called = True
+        if self._losses:
+            self._clear_losses()
+        state_vars = core.state_vars
+        return self._apply(
+            inputs,
+            bool(training),
+            _compat.variable_values(core.stored_params),
+            state_vars,
+            _compat.variable_values(state_vars),
+        )
+
+    def _plain_input_dtype(self) -> np.dtype | None:
+        """The dtype float inputs are cast to, where the layer's dtype policy is one dtype for
+        computing and storing (no autocast scope); None otherwise."""
+        if isinstance(self.dtype_policy, keras.dtype_policies.DTypePolicyMap):
+            return None
+        if self.compute_dtype != self.variable_dtype:
+            return None
+        return np.dtype(jnp.dtype(self.input_dtype))
 
     def build(self, input_shape=None):
         if not self._core.loading:
@@ -322,6 +382,11 @@ class JaxLayer(FineTuning, keras.layers.Layer):
             core.pure, owner=self._owner_name(), platforms=self.native_serialization_platforms
         )
         core.learn_effects = outside_compiled_graphs(self._call_effects)
+        # A subclass's own `call`, or Keras's NNX mode (variables handed in by `nnx.jit`),
+        # always goes through Keras's `Layer.__call__`.
+        plain = type(self).call is JaxLayer.call and not keras.config.is_nnx_enabled()
+        core.eager_input = eager_input() if plain else None
+        core.eager_policy = None
 
     def _initial_trees(self) -> tuple[Any, Any]:
         """The (params, state) a fresh build starts from: given values or the model's init."""
@@ -458,24 +523,31 @@ class JaxLayer(FineTuning, keras.layers.Layer):
         core = self._core
         if core.placeholders:  # loaded from a config and used before any weights were loaded
             self._materialize()
-        training = bool(training)
-        written = core.written.get(training)
-        if written is None:
-            written, core.rng_used[training] = core.learn_effects(training)
-            core.written[training] = written
-        rng = core.seed_generator.next() if core.rng_used[training] else None
         # The variables as the layer tracks them now: in Keras's NNX mode, `nnx.jit` and
         # `nnx.grad` hand the layer new Variable objects in the same places.
         tracked = _compat.tracked_variables(self)
         params_at, state_at = core.positions
         state_vars = [tracked[i] for i in state_at]
-        outputs, new_state, loss = core.run(
-            [tracked[i].value for i in params_at],
-            [v.value for v in state_vars],
-            rng,
+        return self._apply(
             inputs,
-            training=training,
+            bool(training),
+            [tracked[i].value for i in params_at],
+            state_vars,
+            [v.value for v in state_vars],
         )
+
+    def _apply(
+        self, inputs: Any, training: bool, params: list, state_vars: list, state: list
+    ) -> Any:
+        """One call of the compiled program on these values; writes back the state it changes
+        and adds the losses the module sows."""
+        core = self._core
+        written = core.written.get(training)
+        if written is None:
+            written, core.rng_used[training] = core.learn_effects(training)
+            core.written[training] = written
+        rng = core.seed_generator.next() if core.rng_used[training] else None
+        outputs, new_state, loss = core.run(params, state, rng, inputs, training=training)
         for index, value in zip(written, new_state, strict=True):
             state_vars[index].assign(value)
         if core.has_loss[training]:

@@ -38,6 +38,21 @@ def compile_for_backend(pure: Callable, *, owner: str, platforms=None) -> Callab
     raise unsupported_backend(owner, backend)
 
 
+def eager_input() -> Callable[[Any, np.dtype], Any]:
+    """`ready(x, float_dtype)`: `x` as the backend's compiled program takes it in an eager call
+    (a float NumPy array cast to `float_dtype`, as Keras's dtype policy casts it), or None where
+    only Keras's own call path can take it (a tracer, a symbolic or meta tensor, a float tensor
+    of another dtype, anything not one array)."""
+    from flaxlayer._bridges import eager
+
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        return eager.tensorflow_input()
+    if backend == "torch":
+        return eager.torch_input()
+    return eager.jax_input
+
+
 def unsupported_backend(owner: str, backend: str) -> RuntimeError:
     return RuntimeError(
         f"{owner}: the Keras backend is {backend!r}, but flaxlayer runs on "
