@@ -92,12 +92,14 @@ demo: $(DEMO_STAMP)
 	$(BIN)/python examples/demo.py
 
 # ours vs keras.layers.FlaxLayer vs hand-written Flax + Optax (fit, eager calls, build, backends);
-# writes benchmarks/results.md and results.png, and results_finetune.md (full fine-tuning vs
-# LoRA); fails if a performance target is missed.
+# writes benchmarks/results.md and results.png, results_finetune.md (full fine-tuning vs
+# LoRA) and results_backend_profile.md (where a TensorFlow or PyTorch step's time goes); fails
+# if a performance target is missed.
 # BENCH_ARGS=--quick for a smoke test.
 bench: venv
 	status=0; $(BIN)/python benchmarks/run.py $(BENCH_ARGS) || status=1; \
 	$(BIN)/python benchmarks/finetune.py $(filter --quick,$(BENCH_ARGS)) || status=1; \
+	$(BIN)/python benchmarks/backend_profile.py $(filter --quick,$(BENCH_ARGS)) || status=1; \
 	exit $$status
 
 clean:

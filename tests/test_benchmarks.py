@@ -134,3 +134,25 @@ def test_finetune_report_gives_each_figure_and_the_goal_verdict():
     lora["optimizer_bytes"] = 480
     text = finetune.markdown({"full": figures, "lora": lora}, width=256, repeats=3)
     assert "MISSED (6.00%)" in text
+
+
+def test_backend_profile_report_gives_each_part_and_the_floor():
+    profile = load_script("backend_profile")
+    ms = 1e-3
+    native = {"forward": 2 * ms, "forward+backward": 6 * ms, "step": 8 * ms, "update": 3 * ms}
+    ours = {"forward": 3 * ms, "forward+backward": 8 * ms, "step": 12 * ms, "update": 3 * ms}
+    results = {
+        "jax": {"jax": {"forward": 1 * ms, "forward+backward": 5 * ms}},
+        "tensorflow": {"keras layers": native, "flaxlayer": ours},
+        "torch": {"keras layers": {**native, "step": 16 * ms}, "flaxlayer": ours},
+    }
+    text = profile.markdown(results, repeats=3, calls=10)
+    assert "| tensorflow | the CNN in Keras layers | 2.00 | 6.00 | 8.00 | 3.00 | 1.00x |" in text
+    assert "| tensorflow | flaxlayer | 3.00 | 8.00 | 12.00 | 3.00 | 1.50x |" in text
+    assert "| torch | flaxlayer | 3.00 | 8.00 | 12.00 | 3.00 | 0.75x |" in text
+    # The floor: JAX's own forward + backward (5 ms) + the backend's update alone (3 ms).
+    assert "| tensorflow | 8.00 | 1.00x |" in text
+    assert "| torch | 8.00 | 0.50x |" in text
+    lines = text.splitlines()
+    start = lines.index("<!-- --8<-- [start:results] -->")
+    assert lines.index("<!-- --8<-- [end:results] -->") > start

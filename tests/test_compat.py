@@ -34,6 +34,17 @@ PRIVATE_NAMES = [
     ("jax._src.lib.mlir.dialects", "hlo.get_smaller_version"),
     ("jax._src.lib.mlir.dialects", "hlo.get_version_from_compatibility_requirement"),
     ("jax._src.lib.mlir.dialects", "hlo.register_stablehlo_passes"),
+    ("jax._src.interpreters.partial_eval", "dce_jaxpr"),
+    ("jax._src.lib", "_jax.buffer_to_dlpack_managed_tensor"),
+    ("keras.src.layers.layer", "Layer._untrack_variable"),
+    ("keras.src.backend.common.variables", "Variable._deferred_initialize"),
+    ("torch", "_C._from_dlpack"),
+    ("tensorflow.python.eager.record", "should_record_backprop"),
+    ("tensorflow.python.eager.record", "could_possibly_record"),
+    (
+        "tensorflow.python.eager.polymorphic_function.concrete_function",
+        "ConcreteFunction._call_flat",
+    ),
 ]
 PRIVATE_IMPORT = re.compile(
     r"^\s*(?:from|import)\s+(?:keras\.src|jax\._src|flax\.nnx\.(?:graphlib|pytreelib))\b"

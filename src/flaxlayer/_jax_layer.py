@@ -267,7 +267,8 @@ class JaxLayer(FineTuning, keras.layers.Layer):
         inputs = core.eager_input(x, core.eager_dtype)
         if inputs is None:
             return _KERAS_PATH
-        self._called = True
+        if not getattr(self, "_called", False):  # Keras's tracked __setattr__ is slow
+            self._called = True
         if self._losses:
             self._clear_losses()
         state_vars = core.state_vars
