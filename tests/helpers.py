@@ -24,13 +24,15 @@ def run_python(
     timeout: float = 300,
     cwd: str | None = None,
     env: dict | None = None,
+    unset: tuple[str, ...] = (),
 ) -> subprocess.CompletedProcess:
     """Runs `source` in a fresh Python process (the tests folder on sys.path).
 
     The child uses `backend` (default: the backend of this process) and one CPU device; it
-    imports nothing but what `source` imports. Returns the completed process (text output).
+    imports nothing but what `source` imports; `env` adds to this process's environment and
+    `unset` names variables it must not have. Returns the completed process (text output).
     """
-    child_env = {**os.environ, **(env or {})}
+    child_env = {k: v for k, v in os.environ.items() if k not in unset} | (env or {})
     child_env["KERAS_BACKEND"] = backend or keras.backend.backend()
     # One CPU device (no mesh), and the suite's faster compiles.
     child_env["XLA_FLAGS"] = "--xla_backend_optimization_level=0"

@@ -26,6 +26,7 @@ PRIVATE_NAMES = [
     ("flax.nnx.pytreelib", "PytreeState"),
     ("flax.nnx.graphlib", "HashableMapping"),
     ("jax._src.xla_bridge", "get_backend"),
+    ("jax._src.xla_bridge", "backends_are_initialized"),
     ("jax._src.export._export", "_module_to_bytecode"),
     ("jax._src.interpreters.mlir", "module_to_bytecode"),
     ("jax._src.lib", "_jax.mlir.serialize_portable_artifact"),

@@ -186,6 +186,11 @@ def keras_export_format() -> str | None:
     return found
 
 
+def jax_backends_initialized() -> bool:
+    """Whether JAX has started its device clients (after which allocator settings are read)."""
+    return bool(jax_xla_bridge.backends_are_initialized())
+
+
 def jax_host_array_to_torch() -> Any:
     """`convert(array)`: a torch tensor sharing a single-device CPU JAX array's buffer.
 

@@ -5,7 +5,8 @@ variables start from and are read back as, placeholders while a file loads, and 
 `keras.distribution` applies.
 """
 
-from collections.abc import Callable
+import os
+from collections.abc import Callable, MutableMapping
 from typing import Any
 
 import jax.numpy as jnp
@@ -51,6 +52,43 @@ def eager_input() -> Callable[[Any, np.dtype], Any]:
     if backend == "torch":
         return eager.torch_input()
     return eager.jax_input
+
+
+# Settings a user makes for JAX's GPU allocator (any of them: the user chose), and what JAX
+# and TensorFlow do without them: JAX reserves 75% of a GPU's memory when it starts its client,
+# TensorFlow nearly all of it; next to the Keras backend's framework each would starve the other.
+JAX_ALLOCATOR_SETTINGS = (
+    "XLA_PYTHON_CLIENT_PREALLOCATE",
+    "XLA_PYTHON_CLIENT_MEM_FRACTION",
+    "XLA_CLIENT_MEM_FRACTION",
+    "XLA_PYTHON_CLIENT_ALLOCATOR",
+)
+TENSORFLOW_GROWTH_SETTING = "TF_FORCE_GPU_ALLOW_GROWTH"
+
+
+def share_accelerator_memory(environ: MutableMapping[str, str] = os.environ) -> dict[str, str]:
+    """Lets JAX share an accelerator with the Keras backend's framework; returns what it set.
+
+    On the PyTorch and TensorFlow backends JAX runs next to another framework in one process.
+    Unless the user configured JAX's allocator, JAX is told to allocate on demand
+    (`XLA_PYTHON_CLIENT_PREALLOCATE=false`), which it reads when it starts its device clients:
+    only if it has not started them yet. On TensorFlow, unless the user set
+    `TF_FORCE_GPU_ALLOW_GROWTH`, TensorFlow grows its allocation rather than taking nearly all
+    of the memory (TensorFlow reads it when it starts its GPUs). Called on `import flaxlayer`.
+    """
+    from flaxlayer import _compat
+
+    backend = keras.backend.backend()
+    made: dict[str, str] = {}
+    if backend not in ("torch", "tensorflow"):
+        return made
+    chosen = any(name in environ for name in JAX_ALLOCATOR_SETTINGS)
+    if not chosen and not _compat.jax_backends_initialized():
+        made["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+    if backend == "tensorflow" and TENSORFLOW_GROWTH_SETTING not in environ:
+        made[TENSORFLOW_GROWTH_SETTING] = "true"
+    environ.update(made)
+    return made
 
 
 def unsupported_backend(owner: str, backend: str) -> RuntimeError:
