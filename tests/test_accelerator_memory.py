@@ -9,15 +9,10 @@ be created with."""
 import keras
 import pytest
 
+from flaxlayer._bridges import JAX_ALLOCATOR_SETTINGS, TENSORFLOW_GROWTH_SETTING
 from helpers import run_python_json
 
-SETTINGS = (
-    "XLA_PYTHON_CLIENT_PREALLOCATE",
-    "XLA_PYTHON_CLIENT_MEM_FRACTION",
-    "XLA_CLIENT_MEM_FRACTION",
-    "XLA_PYTHON_CLIENT_ALLOCATOR",
-    "TF_FORCE_GPU_ALLOW_GROWTH",
-)
+SETTINGS = (*JAX_ALLOCATOR_SETTINGS, TENSORFLOW_GROWTH_SETTING)
 
 CHILD = """
 import os
@@ -53,7 +48,7 @@ def test_jax_allocates_on_demand_next_to_another_framework(backend):
 def test_the_jax_backend_keeps_jax_defaults():
     got = settings_after_import("jax", {})
     assert got["preallocate"] is None  # JAX's own default: preallocate
-    assert all(got["env"][name] is None for name in SETTINGS[:4])
+    assert all(got["env"][name] is None for name in JAX_ALLOCATOR_SETTINGS)
 
 
 def test_settings_the_user_made_are_kept():

@@ -6,7 +6,7 @@ variables start from and are read back as, placeholders while a file loads, and 
 """
 
 import os
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable
 from typing import Any
 
 import jax.numpy as jnp
@@ -66,8 +66,8 @@ JAX_ALLOCATOR_SETTINGS = (
 TENSORFLOW_GROWTH_SETTING = "TF_FORCE_GPU_ALLOW_GROWTH"
 
 
-def share_accelerator_memory(environ: MutableMapping[str, str] = os.environ) -> dict[str, str]:
-    """Lets JAX share an accelerator with the Keras backend's framework; returns what it set.
+def share_accelerator_memory() -> None:
+    """Lets JAX share an accelerator with the Keras backend's framework.
 
     On the PyTorch and TensorFlow backends JAX runs next to another framework in one process.
     Unless the user configured JAX's allocator, JAX is told to allocate on demand
@@ -79,16 +79,13 @@ def share_accelerator_memory(environ: MutableMapping[str, str] = os.environ) -> 
     from flaxlayer import _compat
 
     backend = keras.backend.backend()
-    made: dict[str, str] = {}
     if backend not in ("torch", "tensorflow"):
-        return made
-    chosen = any(name in environ for name in JAX_ALLOCATOR_SETTINGS)
+        return
+    chosen = any(name in os.environ for name in JAX_ALLOCATOR_SETTINGS)
     if not chosen and not _compat.jax_backends_initialized():
-        made["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
-    if backend == "tensorflow" and TENSORFLOW_GROWTH_SETTING not in environ:
-        made[TENSORFLOW_GROWTH_SETTING] = "true"
-    environ.update(made)
-    return made
+        os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+    if backend == "tensorflow":
+        os.environ.setdefault(TENSORFLOW_GROWTH_SETTING, "true")
 
 
 def unsupported_backend(owner: str, backend: str) -> RuntimeError:
