@@ -8,11 +8,11 @@ and keeps these.
 
 import pathlib
 
+import golden_models
 import keras
 import numpy as np
 import pytest
 
-import golden_models
 from flaxlayer import FlaxLayer, JaxLayer
 
 FILES = pathlib.Path(__file__).parent / "files"
