@@ -200,7 +200,7 @@ def test_method_function_next_to_the_module_class_loads_without_custom_objects(t
     model = _two_input_model(rc.call_two_inputs)
     inputs = _two_inputs()
     loaded, _ = _save_load(model, tmp_path)
-    assert loaded.get_layer("two")._core.adapter.method.fn is rc.call_two_inputs
+    assert loaded.get_layer("two")._adapter.method.fn is rc.call_two_inputs
     np.testing.assert_allclose(loaded.predict(inputs, verbose=0), model.predict(inputs, verbose=0))
 
 
@@ -228,7 +228,7 @@ def test_registered_method_function_loads_without_custom_objects(tmp_path):
     model = _two_input_model(registered_elsewhere)
     inputs = _two_inputs()
     loaded, _ = _save_load(model, tmp_path)
-    assert loaded.get_layer("two")._core.adapter.method.fn is registered_elsewhere
+    assert loaded.get_layer("two")._adapter.method.fn is registered_elsewhere
     np.testing.assert_allclose(loaded.predict(inputs, verbose=0), model.predict(inputs, verbose=0))
 
 

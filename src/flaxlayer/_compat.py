@@ -45,8 +45,10 @@ __all__ = [
     "pytree_state",
     "replace_variable_value",
     "serialize_portable",
+    "start_plain_call",
     "tensorflow_flat_call",
     "tensorflow_tape_records",
+    "track_variable",
     "tracked_variables",
     "unlocked_tracker",
     "untrack_variable",
@@ -275,3 +277,20 @@ def tensorflow_flat_call(concrete: Any) -> Any:
         return concrete._call_flat(tensors, captured)
 
     return call
+
+
+# ------------------------------------------------------------------- the engine (JaxLayer)
+
+
+def track_variable(layer: Any, variable: Any) -> None:
+    """Adds a variable to a layer's weights (Keras's own layers do so in `add_weight`)."""
+    layer._track_variable(variable)
+
+
+def start_plain_call(layer: Any) -> None:
+    """What Keras's `Layer.__call__` does to a layer before a call that `keras_call_is_plain`
+    vouches for: marks it called and clears the previous call's losses."""
+    if not getattr(layer, "_called", False):  # Keras's tracked __setattr__ is slow
+        layer._called = True
+    if layer._losses:
+        layer._clear_losses()

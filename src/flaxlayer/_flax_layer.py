@@ -12,6 +12,7 @@ from flaxlayer._methods import Method, method_by_name
 from flaxlayer._nnx import NNXAdapter
 from flaxlayer._serialization import Decoder, Encoder, SerializationError
 from flaxlayer._types import FlaxVariables, MethodSpec, Module
+from flaxlayer._views import module_values
 
 #: The module kinds FlaxLayer wraps: each adapter says which modules it takes and how they
 #: are saved (a new kind is one more adapter here).
@@ -70,13 +71,9 @@ class FlaxLayer(JaxLayer):
     ):
         seed = kwargs.pop("seed", None)
         platforms = kwargs.pop("native_serialization_platforms", None)
-        # FlaxLayer has no call_fn/init_fn of its own: it skips JaxLayer.__init__ and gives the
-        # engine an adapter for the module instead.
-        keras.layers.Layer.__init__(self, **kwargs)
+        make = lambda owner: _adapter_for(module, method, owner)  # noqa: E731
+        self._construct(make, variables, seed, platforms, kwargs)
         self.method = method
-        self.call_fn = self.init_fn = None
-        adapter = _adapter_for(module, method, self._owner_name())
-        self._setup(adapter, variables, seed, platforms, kwargs)
 
     @property
     def module(self) -> Module:
@@ -87,7 +84,8 @@ class FlaxLayer(JaxLayer):
         """
         if _compat.called_by_keras_saving_walk():
             return None  # type: ignore[return-value]
-        return self._adapter().module_object(self._values() if self.built else None)
+        values = module_values(self, "module") if self.built else None
+        return self._module_adapter().module_object(values)
 
     @property
     def flax_variables(self) -> FlaxVariables:
@@ -99,53 +97,40 @@ class FlaxLayer(JaxLayer):
         """
         if _compat.called_by_keras_saving_walk():
             return None  # type: ignore[return-value]
-        self._check_built("flax_variables")
-        return self._adapter().export(*self._values())
+        return self._module_adapter().export(*module_values(self, "flax_variables"))
 
-    def _adapter(self) -> ModuleAdapter:
-        adapter = self._core.adapter
+    def _module_adapter(self) -> ModuleAdapter:
+        adapter = self._adapter
         assert isinstance(adapter, ModuleAdapter)
         return adapter
 
-    def get_config(self) -> dict:
-        """The layer's configuration; the module's is read from its dataclass fields.
+    def _model_config(self) -> dict:
+        """The module, read from its dataclass fields, and the method.
 
         Raises `SerializationError` naming the module class and field for a value no loader
         could rebuild (a lambda, a closure, an arbitrary object, a function a loader would not
         trust), and warns when a class is defined in `__main__`.
         """
-        config = JaxLayer.get_config(self)
-        for key in ("call_fn", "init_fn"):
-            config.pop(key, None)
         module = self.module
         encoder = Encoder(self._owner_name(), CODECS)
-        config.update(
-            module=encoder.module(module),
-            method=_method_to_config(self._adapter().method, encoder, type(module)),
-        )
+        config = {
+            "module": encoder.module(module),
+            "method": _method_to_config(self._module_adapter().method, encoder, type(module)),
+        }
         encoder.finish()
         return config
 
     @classmethod
-    def from_config(cls, config: dict) -> "FlaxLayer":
-        config = dict(config)
-        owner = f"{cls.__name__} {config.get('name')!r}"
+    def _model_from_config(cls, config: dict, owner: str) -> dict:
         if "module" not in config:
             raise SerializationError(
                 f"{owner}: the config has no `module`; the file is damaged or was not written "
                 "by flaxlayer."
             )
         decoder = Decoder(owner, CODECS)
-        finetune = config.pop("finetune", None)
         module = decoder.decode_module(config.pop("module"))
         method = _method_from_config(config.pop("method", None), module, decoder)
-        try:
-            layer = cls(module=module, method=method, **config)
-        except (TypeError, ValueError) as e:
-            raise SerializationError(f"{owner}: cannot rebuild the layer from the file: {e}") from e
-        layer._core.loading = True
-        layer._core.finetune = finetune
-        return layer
+        return {**config, "module": module, "method": method}
 
 
 def _method_to_config(method: Method, encoder: Encoder, cls: type) -> dict:

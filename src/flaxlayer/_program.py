@@ -1,9 +1,10 @@
 """The pure program a layer runs: `init` without the forward pass, the per-call function over
 flat variable lists, and the abstract and concrete stand-ins of variable values."""
 
+import functools
 import math
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -13,13 +14,14 @@ from flax import errors as flax_errors
 from flax.core import partial_eval
 
 from flaxlayer import _compat
-from flaxlayer._adapter import Adapter
-from flaxlayer._variables import TreeLayout
+from flaxlayer._adapter import NEVER, SPEC_KEY, Adapter, PerMode, Plan
+from flaxlayer._bridges import compile_for_backend, outside_compiled_graphs
+from flaxlayer._specs import PROBE_SIZES, has_unknown, merge_probes, structs
+from flaxlayer._transforms import module_params
+from flaxlayer._variables import TreeLayout, is_float_dtype
 
 # Models whose variables take at most this many bytes are initialized by one jitted program.
 JIT_INIT_BYTES = 64 * 2**20
-
-# Unknown dimensions are probed at two sizes to tell which output dimensions follow them.
 
 
 def nbytes(trees: Any) -> int:
@@ -59,21 +61,20 @@ def make_pure(
     params_layout: TreeLayout,
     state_layout: TreeLayout,
     owner: str,
-    state_casts,
-    written: dict,
+    state_casts: Sequence[Any],
     param_map: Callable[[list], list] | None = None,
-    needs_rng: tuple[bool, bool] = (False, False),
+    needs_rng: PerMode = NEVER,
 ) -> Callable:
     """The layer as one pure function of flat variable lists.
 
-    Returns (outputs, new state leaves, summed sown losses); the new state leaves are those in
-    `written[training]` once that is known (all of them with `all_state=True`). `param_map`
-    turns the stored params into the module's (the parameter transforms: LoRA, int8).
-    `rng` may be None in a mode where the module takes a key it does not use (`call_effects`
-    tells): it then gets a constant one.
+    `pure(params, state, rng, inputs, training, written=None)` returns (outputs, new state
+    leaves, summed sown losses): the new state leaves at the indices `written`, or all of
+    them with `written=None`. `param_map` turns the stored params into the module's (the
+    parameter transforms: LoRA, int8). `rng` may be None in a mode where the module takes a
+    key it does not use (`call_effects` tells): it then gets a constant one.
     """
 
-    def pure(params, state, rng, inputs, training, all_state=False):
+    def pure(params, state, rng, inputs, training, written=None):
         if param_map is not None:
             params = param_map(params)
         if rng is not None:
@@ -92,11 +93,111 @@ def make_pure(
                 f"{state_layout.treedef}. Return a new state with the same keys as the state "
                 "you were given."
             )
-        if not all_state and training in written:
-            leaves = [leaves[i] for i in written[training]]
+        if written is not None:
+            leaves = [leaves[i] for i in written]
         return outputs, leaves, loss
 
     return pure
+
+
+class Mode(NamedTuple):
+    """How the program runs in one training mode, learned at its first call in that mode."""
+
+    #: The indices of the state leaves a call may change: the only ones returned and written
+    #: back (BatchNorm statistics at inference are never copied).
+    written: tuple[int, ...]
+    #: Whether the call uses its rng key (no key is drawn where it does not).
+    rng_used: bool
+    #: `run(params, state, rng, inputs, training)` on the backend's tensors.
+    run: Callable
+
+
+class Program:
+    """A built layer's compiled program, for one set of variables (a new one after each
+    change of them: fine-tuning makes its own).
+
+    Holds the pure function, the abstract arguments it is traced with, and per training mode
+    a `Mode`: what it writes is bound into the function the backend compiles, never read
+    from state that changes after tracing.
+    """
+
+    __slots__ = (
+        "_compile",
+        "_inputs",
+        "_learn",
+        "_modes",
+        "has_loss",
+        "needs_rng",
+        "params",
+        "positions",
+        "pure",
+        "state",
+    )
+
+    def __init__(
+        self,
+        pure: Callable,
+        *,
+        needs_rng: PerMode,
+        has_loss: PerMode,
+        abstract_args: tuple[list, list, Any],
+        positions: tuple[tuple[int, ...], tuple[int, ...]],
+        compile: Callable[[Callable], Callable],
+    ):
+        self.pure, self.needs_rng, self.has_loss = pure, needs_rng, has_loss
+        #: Abstract stored params (float ones in the compute dtype) and state.
+        self.params, self.state, self._inputs = abstract_args
+        #: Where the stored params and the state are in the layer's tracked variables.
+        self.positions = positions
+        self._compile = compile
+        self._learn = outside_compiled_graphs(self._effects)
+        self._modes: dict[bool, Mode] = {}
+
+    def rng_spec(self, training: bool) -> Any:
+        return SPEC_KEY if self.needs_rng[training] else None
+
+    def mode(self, training: bool) -> Mode:
+        mode = self._modes.get(training)
+        if mode is None:
+            written, rng_used = self._learn(training)
+            run = self._compile(functools.partial(self.pure, written=written))
+            mode = self._modes[training] = Mode(written, rng_used, run)
+        return mode
+
+    def _effects(self, training: bool) -> tuple[tuple[int, ...], bool]:
+        if not self.state and not self.needs_rng[training]:
+            return (), False
+        return call_effects(
+            self.pure, self.params, self.state, self.rng_spec(training), self._inputs, training
+        )
+
+    def output_spec(self, inputs: Any, training: bool) -> Any:
+        """The outputs' shapes and dtypes for abstract `inputs` (unknown dimensions as None)."""
+
+        def probe(fill):
+            return jax.eval_shape(
+                lambda p, s, r, x: self.pure(p, s, r, x, training)[0],
+                self.params,
+                self.state,
+                self.rng_spec(training),
+                structs(inputs, fill),
+            )
+
+        first = probe(PROBE_SIZES[0])
+        second = probe(PROBE_SIZES[1]) if has_unknown(inputs) else first
+        return jax.tree.map(merge_probes, first, second)
+
+
+def abstract_variables(variables: Sequence[Any], cast_to: Any = None) -> list:
+    """The variables as ShapeDtypeStructs; float ones in `cast_to` where given (flaxlayer
+    autocasts exactly its float params)."""
+    return [
+        jax.ShapeDtypeStruct(
+            tuple(v.shape),
+            jnp.dtype(cast_to if cast_to is not None and is_float_dtype(v.dtype) else v.dtype),
+        )
+        for v in variables
+    ]
 
 
 def abstract(trees: tuple[Any, Any]) -> tuple[Any, Any]:
@@ -134,7 +235,7 @@ def call_effects(
     into it.
     """
     closed, shapes = jax.make_jaxpr(
-        lambda p, s, r, x: pure(p, s, r, x, training, all_state=True), return_shape=True
+        lambda p, s, r, x: pure(p, s, r, x, training), return_shape=True
     )(params, state, rng, inputs)
     state_in = closed.jaxpr.invars[len(params) : len(params) + len(state)]
     first = len(jax.tree.leaves(shapes[0]))
@@ -151,3 +252,43 @@ def call_effects(
     )
     rng_used = rng is not None and _compat.inputs_used(closed.jaxpr)[len(params) + len(state)]
     return written, rng_used
+
+
+def program_for(
+    adapter: Adapter,
+    store: Any,
+    plan: Plan,
+    *,
+    inputs: Any,
+    cast_to: Any,
+    tracked: Sequence[Any],
+    platforms: Sequence[str] | None,
+) -> "Program":
+    """The program of a layer's variables (`store`, a `LayerVariables`) for abstract `inputs`.
+
+    `cast_to`: the compute dtype under mixed precision (float params are autocast to it by
+    Keras, float state inside the program), else None. `tracked`: the layer's variables in
+    Keras's tracking order. `platforms`: the TensorFlow bridge's compile targets.
+    """
+    needs_rng = plan.needs_rng
+    casts = [cast_to if is_float_dtype(v.dtype) else None for v in store.state_vars]
+    transforms, count = store.applied(), len(store.param_vars)
+    param_map = functools.partial(module_params, applied=transforms, count=count)
+    pure = make_pure(
+        adapter,
+        store.params_layout,
+        store.state_layout,
+        adapter.owner,
+        casts,
+        param_map if transforms else None,
+        needs_rng,
+    )
+    params = abstract_variables(store.stored_params, cast_to)
+    return Program(
+        pure,
+        needs_rng=needs_rng,
+        has_loss=plan.has_loss,
+        abstract_args=(params, abstract_variables(store.state_vars), inputs),
+        positions=store.positions(tracked),
+        compile=functools.partial(compile_for_backend, owner=adapter.owner, platforms=platforms),
+    )

@@ -1,0 +1,131 @@
+"""What a layer is constructed with, checked once; and the config entries of a `JaxLayer`'s
+functions and trees.
+
+`Settings` holds the engine's construction arguments, the same for `JaxLayer` and `FlaxLayer`
+(both construct through `JaxLayer._construct`). The functions below write and read the
+entries only a `JaxLayer` has: `call_fn`, `init_fn`, and the shapes of `params` and `state`
+where nothing can re-create them.
+"""
+
+import dataclasses
+import random
+from typing import Any
+
+import jax
+import keras
+import numpy as np
+
+from flaxlayer._serialization import SerializationError
+from flaxlayer._specs import Leaf, dtype_name, spec_from_config, spec_to_config
+from flaxlayer._variables import is_float_dtype
+
+PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """A layer's engine arguments, checked."""
+
+    seed: int | None
+    #: The seed of the init key: from Python, not the generator's state, since a build may
+    #: run inside a TensorFlow graph or a torch meta trace, where that state has no value.
+    init_seed: int
+    #: `native_serialization_platforms`, as a tuple.
+    platforms: tuple[str, ...] | None
+    #: Whether a dtype policy was chosen (the layer's `dtype`, or a global policy): float
+    #: variables are then stored in the policy's variable dtype.
+    policy_given: bool
+    #: Draws the per-call keys; tracked by the layer only once a build shows the model
+    #: draws keys (created here, outside any graph a build may run in).
+    seed_generator: Any
+
+    def stored_dtype(self, variable_dtype: str, dtype: Any) -> str:
+        """The dtype a module variable of `dtype` is stored in: the policy's variable dtype
+        for a float one where a policy was chosen, else its own."""
+        if self.policy_given and is_float_dtype(dtype):
+            return variable_dtype
+        return keras.backend.standardize_dtype(dtype)
+
+
+def settings(owner: str, seed: Any, platforms: Any, dtype: Any) -> Settings:
+    if seed is not None and not (isinstance(seed, int) and 0 <= seed < 2**32):
+        raise ValueError(f"{owner}: `seed` must be None or an int in [0, 2**32); got {seed!r}.")
+    if platforms is not None and (
+        isinstance(platforms, str) or not set(platforms) <= set(PLATFORMS) or not platforms
+    ):
+        raise ValueError(
+            f"{owner}: `native_serialization_platforms` must be a non-empty sequence of "
+            f"{', '.join(repr(p) for p in PLATFORMS)}; got {platforms!r}."
+        )
+    return Settings(
+        seed=seed,
+        init_seed=seed if seed is not None else random.randint(1, 10**9),
+        platforms=None if platforms is None else tuple(platforms),
+        policy_given=dtype is not None or keras.config.dtype_policy().name != "float32",
+        seed_generator=keras.random.SeedGenerator(seed),
+    )
+
+
+def settings_config(settings: Settings) -> dict:
+    platforms = settings.platforms
+    return {
+        "seed": settings.seed,
+        "native_serialization_platforms": None if platforms is None else list(platforms),
+    }
+
+
+def functions_config(layer: Any, trees: tuple[Any, Any] | None) -> dict:
+    """`call_fn`, `init_fn`, and with `trees` (no `init_fn` re-creates them) the shapes of
+    `params` and `state`: the weights file holds their values."""
+    config = {
+        "call_fn": keras.saving.serialize_keras_object(layer.call_fn),
+        "init_fn": keras.saving.serialize_keras_object(layer.init_fn),
+    }
+    if trees is not None:
+        owner = f"{type(layer).__name__} {layer.name!r}"
+        config["params"] = spec_to_config(trees[0], owner, "params")
+        config["state"] = spec_to_config(trees[1], owner, "state")
+    return config
+
+
+def functions_from_config(config: dict, owner: str) -> dict:
+    """The constructor arguments of `functions_config`'s entries: functions resolved by
+    Keras, params and state abstract (nothing sized by the config is allocated)."""
+    config = dict(config)
+    for name in ("call_fn", "init_fn"):
+        if config.get(name) is not None:
+            config[name] = keras.saving.deserialize_keras_object(config[name])
+    for name in ("params", "state"):
+        if config.get(name) is not None:
+            config[name] = jax.tree.map(
+                lambda leaf: jax.ShapeDtypeStruct(tuple(leaf.shape), leaf.dtype),
+                spec_from_config(config[name], owner, (name,), abstract=True),
+                is_leaf=lambda x: isinstance(x, Leaf),
+            )
+    return config
+
+
+def given_shapes(given: tuple[Any, Any] | None) -> tuple[Any, Any]:
+    """The shapes and dtypes of a layer's given (params, state), before it is built."""
+    params, state = given or (None, None)
+    return _shapes(params), _shapes(state)
+
+
+def _shapes(tree: Any) -> Any:
+    if tree is None:
+        return None
+    return jax.tree.map(
+        lambda x: Leaf(np.shape(x), dtype_name(x)) if hasattr(x, "dtype") else x, tree
+    )
+
+
+def rebuild(cls: type, config: dict, owner: str) -> Any:
+    """`cls(**config)`, a refusal of the file's arguments as a SerializationError."""
+    try:
+        return cls(**config)
+    except (TypeError, ValueError) as e:
+        raise SerializationError(f"{owner}: cannot rebuild the layer from the file: {e}") from e
+
+
+def owner_of(cls: type, config: dict) -> str:
+    return f"{cls.__name__} {config.get('name')!r}"
