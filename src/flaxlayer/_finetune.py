@@ -19,7 +19,7 @@ import numpy as np
 from flaxlayer import _compat
 from flaxlayer._bridges import jax_copy
 from flaxlayer._distribution import derived_layout
-from flaxlayer._serialization import SerializationError
+from flaxlayer._saving import SerializationError
 from flaxlayer._transforms import (
     TRANSFORMS,
     Applied,

@@ -41,7 +41,7 @@ from flaxlayer._program import (
     nbytes,
     zeros,
 )
-from flaxlayer._serialization import SerializationError
+from flaxlayer._saving import SerializationError
 from flaxlayer._specs import (
     PROBE_SIZES,
     Leaf,
