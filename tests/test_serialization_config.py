@@ -22,7 +22,7 @@ import pytest
 import serialization_models as sm
 from flaxlayer import FlaxLayer, SerializationError
 from flaxlayer._linen import LinenCodec
-from flaxlayer._serialization import TAG, Decoder, Encoder, KindCodec, schema
+from flaxlayer._saving import TAG, Decoder, Encoder, KindCodec, schema
 from serialization_models import clean_keras_session  # noqa: F401 - overrides conftest's
 
 INITS = {

@@ -5,7 +5,7 @@ from importlib.metadata import version as _version
 from flaxlayer._bridges import share_accelerator_memory as _share_accelerator_memory
 from flaxlayer._flax_layer import FlaxLayer as FlaxLayer
 from flaxlayer._jax_layer import JaxLayer as JaxLayer
-from flaxlayer._serialization import SerializationError as SerializationError
+from flaxlayer._saving import SerializationError as SerializationError
 
 #: The installed distribution's version: pyproject.toml is the one place it is written.
 __version__ = _version("flaxlayer")

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 
 from flaxlayer._methods import Method
-from flaxlayer._serialization import KindCodec
+from flaxlayer._saving import KindCodec
 from flaxlayer._variables import flatten_with_paths, format_path
 
 SPEC_KEY = jax.ShapeDtypeStruct((2,), np.uint32)

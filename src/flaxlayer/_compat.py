@@ -37,6 +37,7 @@ __all__ = [
     "inputs_used",
     "is_deferred",
     "jax_host_array_to_torch",
+    "jax_scalar_type_dtype",
     "jax_stablehlo_target",
     "keras_call_is_plain",
     "keras_export_format",
@@ -279,6 +280,7 @@ def tensorflow_flat_call(concrete: Any) -> Any:
     return call
 
 
+<<<<<<< HEAD
 # ------------------------------------------------------------------- the engine (JaxLayer)
 
 
@@ -294,3 +296,14 @@ def start_plain_call(layer: Any) -> None:
         layer._called = True
     if layer._losses:
         layer._clear_losses()
+=======
+# --- saving
+
+
+def jax_scalar_type_dtype(value: Any) -> Any:
+    """The dtype of a JAX scalar type (`jnp.float32` and friends, instances of JAX's private
+    `_ScalarMeta`), else None."""
+    if type(value).__name__ == "_ScalarMeta":
+        return value.dtype
+    return None
+>>>>>>> saving

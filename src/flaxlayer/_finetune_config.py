@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from flaxlayer._finetune import FirstValue, add_extra, replace_param, sides
-from flaxlayer._serialization import SerializationError
+from flaxlayer._saving import SerializationError
 from flaxlayer._store import LayerVariables, VariableFactory, struct_of
 from flaxlayer._transforms import TRANSFORMS, Int8, LoRA
 from flaxlayer._variables import is_float_dtype

@@ -10,7 +10,7 @@ from flaxlayer._jax_layer import JaxLayer
 from flaxlayer._linen import LinenAdapter
 from flaxlayer._methods import Method, method_by_name
 from flaxlayer._nnx import NNXAdapter
-from flaxlayer._serialization import Decoder, Encoder, SerializationError
+from flaxlayer._saving import Decoder, Encoder, SerializationError
 from flaxlayer._types import FlaxVariables, MethodSpec, Module
 from flaxlayer._views import module_values
 

@@ -15,7 +15,7 @@ import jax
 import keras
 import numpy as np
 
-from flaxlayer._serialization import SerializationError
+from flaxlayer._saving import SerializationError
 from flaxlayer._specs import Leaf, dtype_name, spec_from_config, spec_to_config
 from flaxlayer._variables import is_float_dtype
 

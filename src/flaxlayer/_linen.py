@@ -24,7 +24,7 @@ from flaxlayer._adapter import (
     shape_mismatches,
 )
 from flaxlayer._methods import resolve_method
-from flaxlayer._serialization import TAG, KindCodec, schema
+from flaxlayer._saving import TAG, KindCodec, schema
 from flaxlayer._variables import flatten_with_paths
 
 SOWN_BY_CONVENTION = ("intermediates", "losses")

@@ -15,7 +15,7 @@ from flaxlayer._bridges import placeholder_for_loading
 from flaxlayer._build import BuildInputs, initial_trees
 from flaxlayer._lifecycle import Lifecycle, Phase
 from flaxlayer._program import concrete
-from flaxlayer._serialization import SerializationError
+from flaxlayer._saving import SerializationError
 from flaxlayer._store import LayerVariables
 from flaxlayer._variables import TreeLayout
 

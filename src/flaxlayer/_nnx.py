@@ -24,7 +24,7 @@ from flaxlayer._compat import (
     replace_variable_value,
 )
 from flaxlayer._methods import resolve_method
-from flaxlayer._serialization import MAX_DEPTH, TAG, KindCodec, declared_types, schema
+from flaxlayer._saving import MAX_DEPTH, TAG, KindCodec, declared_types, schema
 
 _DEFAULT_IMPL = "threefry2x32"
 _KEY_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")

@@ -7,7 +7,7 @@ import jax
 import keras
 import numpy as np
 
-from flaxlayer._serialization import SerializationError
+from flaxlayer._saving import SerializationError
 from flaxlayer._trust import Refused, dtype_from_name
 from flaxlayer._variables import is_float_dtype
 

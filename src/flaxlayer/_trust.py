@@ -3,7 +3,7 @@
 - A **class** is resolved only from a module the process has already imported, by reading that
   module's own dictionary, and only if the class found reports exactly that module and name
   (`__module__`, `__qualname__`) and is a subclass of what its position needs.
-- A **function** is resolved only if it is one of the objects listed below
+- A **function** (`resolve_function`) is resolved only if it is one of the objects listed below
   (`NUMERICAL_FUNCTIONS`), registered with Keras or passed in `custom_objects`, or a top-level
   function of the module that defines a user class the file instantiates.
 - An **initializer factory** is called only if it is one of `INITIALIZER_FACTORIES`.
@@ -13,12 +13,14 @@ Nothing here imports a module a file names, runs an attribute hook, or calls wha
 """
 
 import importlib
+import inspect
 import re
 import sys
 import types
-from collections.abc import Iterable
+from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import Any
 
+import keras
 import numpy as np
 
 # Elementwise, activation and reduction functions a module field may hold, and the layer
@@ -230,3 +232,83 @@ def dtype_from_name(name: Any) -> np.dtype:
         return jnp.dtype(name)
     except TypeError as e:
         raise Refused(f"{name!r} is not a dtype this JAX knows.") from e
+
+
+def _is_function(obj: Any) -> bool:
+    return callable(obj) and not isinstance(obj, type)
+
+
+def resolve_function(
+    entry: Mapping[str, str], *, safe: bool, user_modules: Collection[str], numerical: bool = True
+) -> Callable:
+    """The function a file names, under the function rule (raises Refused): one registered
+    with Keras or passed in `custom_objects`, else (in safe mode) an allow-listed numerical
+    function (unless `numerical` is false, as for a `method=`) or a top-level function of a
+    module in `user_modules` (those defining a user class the file builds), else (outside safe
+    mode) whatever function its module, imported if need be, defines under that name.
+    """
+    if "registered" in entry:
+        return _registered_function(entry["registered"])
+    module_name, qualname = entry["module"], entry["qualname"]
+    # custom_objects given to load_model are keyed by plain name.
+    fn = keras.saving.get_registered_object(qualname)
+    if _is_function(fn):
+        return fn
+    if not safe:  # the user trusts the file: import and resolve as named
+        return _imported_function(module_name, qualname)
+    return _trusted_function(module_name, qualname, user_modules, numerical)
+
+
+def _registered_function(name: str) -> Callable:
+    fn = keras.saving.get_registered_object(name)
+    if not _is_function(fn):
+        raise Refused(
+            f"function {name!r} is not registered. Import the module that registers it with "
+            "@keras.saving.register_keras_serializable(), or pass it in custom_objects."
+        )
+    return fn
+
+
+def _imported_function(module_name: str, qualname: str) -> Callable:
+    """Outside safe mode: the function as named, importing its module if need be."""
+    if module_name not in sys.modules:
+        try:
+            importlib.import_module(module_name)
+        except ImportError as e:
+            raise Refused(f"importing {module_name!r} failed: {e}") from e
+    fn = lookup(module_name, qualname)
+    if _is_function(fn):
+        return fn
+    raise Refused(f"{module_name}.{qualname} is not a function defined there.")
+
+
+def _trusted_function(
+    module_name: str, qualname: str, user_modules: Collection[str], numerical: bool
+) -> Callable:
+    """In safe mode: an allow-listed numerical function, or one next to a user class built."""
+    fn = lookup(module_name, qualname)
+    if numerical and numerical_name(fn) is not None:
+        return fn
+    if (
+        inspect.isfunction(fn)
+        and "." not in qualname
+        and fn.__module__ == module_name
+        and module_name in user_modules
+    ):
+        return fn
+    if module_name not in sys.modules:
+        why = (
+            f"its module {module_name!r} is not imported, and safe loading never imports "
+            f"what a file names. Import {module_name!r} first, register the function, or "
+            "pass it in custom_objects."
+        )
+    else:
+        why = (
+            "Safe loading resolves only the allowed numerical functions of jax, flax and "
+            "numpy (activations, initializers, elementwise and reduction functions), "
+            "functions registered with Keras or passed in custom_objects, and top-level "
+            "functions of the module that defines a class the file builds. Register it, "
+            "pass it in custom_objects, or pass safe_mode=False to load_model if you trust "
+            "the file."
+        )
+    raise Refused(f"function {module_name}.{qualname} is refused. {why}")

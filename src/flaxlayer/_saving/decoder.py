@@ -1,0 +1,239 @@
+"""Checks a `.keras` config whole, then rebuilds the module it describes, under `_trust`.
+
+Loading checks the whole entry tree first (its shape, every class it names, every config's
+declared type) before anything is constructed, never imports in safe mode, allocates nothing
+sized by the file (NNX variables come back abstract; values travel in the weights file), and
+reports every problem as `SerializationError` with the config path of the entry.
+"""
+
+import dataclasses
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from flaxlayer import _trust
+from flaxlayer._saving.builds import BUILDERS, build_function
+from flaxlayer._saving.checks import CHECKS
+from flaxlayer._saving.codec import KindCodec
+from flaxlayer._saving.errors import SerializationError, in_safe_mode
+from flaxlayer._saving.schema import (
+    MAX_DEPTH,
+    SCHEMA,
+    SKIPPED_FIELDS,
+    TAG,
+    declared_types,
+    module_factory_bound,
+)
+from flaxlayer._trust import Refused
+
+
+def _show(path: tuple) -> str:
+    return ".".join(str(p) for p in path) or "(top)"
+
+
+class Decoder:
+    """Rebuilds what `Encoder` captured, under the rules of `_trust`.
+
+    `decode_module` first walks the whole entry tree without constructing anything: it checks
+    every entry's keys against `SCHEMA` and its nesting depth, resolves every class it names
+    (and checks what its position needs), and records the Python modules of the user classes
+    the file instantiates: only their top-level functions may be resolved by name. Each entry
+    kind is checked and built by the handler its table names: `CHECKS` and `BUILDERS` for the
+    kinds every module kind shares, the codec's `check` and `decode` for the codec's own.
+    """
+
+    def __init__(
+        self,
+        owner: str,
+        kinds: Sequence[type[KindCodec]],
+        *,
+        safe: bool | None = None,
+        root: tuple = ("module",),
+    ):
+        self.owner = owner
+        self.safe = in_safe_mode() if safe is None else safe
+        self.root = root
+        self.user_modules: set[str] = set()
+        self.codecs = [kind(self) for kind in kinds]
+        self.class_bases = tuple(b for kind in kinds for b in kind.class_bases)
+        self.module_bases = tuple(kind.module_base for kind in kinds)
+        self._schema = dict(SCHEMA)
+        self._checks: dict[str, Callable[[dict, tuple, int, Any], None]] = {
+            kind: functools.partial(check, self) for kind, check in CHECKS.items()
+        }
+        self._builders: dict[str, Callable[[dict, tuple], Any]] = {
+            kind: functools.partial(build, self) for kind, build in BUILDERS.items()
+        }
+        for codec in self.codecs:
+            self._schema.update(codec.entries)
+            self._checks.update(dict.fromkeys(codec.entries, codec.check))
+            self._builders.update(dict.fromkeys(codec.entries, codec.decode))
+        self._classes: dict[int, type] = {}
+
+    def fail(self, path: tuple, what: str) -> SerializationError:
+        """The error for the entry at `path` (the config path is part of the message)."""
+        return SerializationError(f"{self.owner}: cannot load config entry {_show(path)}: {what}")
+
+    def decode_module(self, data: Any) -> Any:
+        """The module a config entry describes, once the whole tree is checked."""
+        self.check(data, self.root, 0, None)
+        for codec in self.codecs:
+            codec.finish_check()
+        return self.value(data, self.root)
+
+    # ----------------------------------------------------------------------------- checking
+
+    def check(self, data: Any, path: tuple, depth: int, declared: Any) -> None:
+        """Checks `data` and everything in it without building anything."""
+        if depth > MAX_DEPTH:
+            raise self.fail(path, f"it is nested deeper than {MAX_DEPTH} levels.")
+        kind = data.get(TAG) if isinstance(data, dict) else None
+        if kind is None:
+            self._check_json(data, path, depth)
+            return
+        self._check_keys(kind, data, path)
+        self._checks[kind](data, path, depth, declared)
+
+    def _check_json(self, data: Any, path: tuple, depth: int) -> None:
+        """JSON that is no entry: a list or mapping (each item checked) or a plain value."""
+        if isinstance(data, list):
+            for i, v in enumerate(data):
+                self.check(v, (*path, i), depth + 1, None)
+        elif isinstance(data, dict):
+            for k, v in data.items():
+                self.check(v, (*path, k), depth + 1, None)
+        elif not (data is None or isinstance(data, (bool, int, float, str))):
+            raise self.fail(path, f"{type(data).__name__} is not a JSON value.")
+
+    def _check_keys(self, kind: Any, data: dict, path: tuple) -> None:
+        """The entry's kind is one flaxlayer writes, and its keys are that kind's."""
+        if kind not in self._schema:
+            raise self.fail(
+                path, f"{kind!r} is not a kind of entry flaxlayer writes (a damaged file)."
+            )
+        required, optional = self._schema[kind]
+        keys = set(data) - {TAG}
+        if not required <= keys or not keys <= required | optional:
+            raise self.fail(
+                path,
+                f"a {kind!r} entry has the keys {sorted(keys)}; it needs {sorted(required)} and "
+                f"may have {sorted(optional)}.",
+            )
+
+    def check_class(self, data: dict, path: tuple, bases: tuple[type, ...], what: str) -> type:
+        """Resolves the class an entry names (under `_trust`); it must subclass `bases`."""
+        ref = data["class"]
+        if not (
+            isinstance(ref, dict)
+            and set(ref) == {"module", "qualname"}
+            and all(isinstance(ref[k], str) for k in ref)
+        ):
+            raise self.fail((*path, "class"), f"the class reference {ref!r} is malformed.")
+        try:
+            cls = _trust.resolve_class(ref["module"], ref["qualname"], safe=self.safe)
+        except Refused as e:
+            raise self.fail((*path, "class"), str(e)) from None
+        if not issubclass(cls, bases):
+            names = " or ".join(f"{b.__module__}.{b.__qualname__}" for b in bases)
+            raise self.fail(
+                (*path, "class"),
+                f"{cls.__module__}.{cls.__qualname__} is not a Flax module class, or not the "
+                f"kind this entry needs ({what}: a subclass of {names}); the file may have "
+                "been tampered with.",
+            )
+        self._classes[id(data)] = cls
+        return cls
+
+    def class_of(self, data: dict) -> type:
+        """The class `check_class` resolved for `data`."""
+        return self._classes[id(data)]
+
+    def instantiated(self, cls: type) -> None:
+        """Records that the file builds `cls`: its module's top-level functions may be named."""
+        if not _trust.is_library_module(cls.__module__):
+            self.user_modules.add(cls.__module__)
+
+    def check_fields(self, cls: type, fields: dict, path: tuple, depth: int) -> None:
+        """A dataclass's fields: known names, required ones present, values as declared."""
+        init_fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+        unknown = sorted(set(fields) - set(init_fields) | set(fields) & set(SKIPPED_FIELDS))
+        if unknown:
+            raise self.fail(
+                path,
+                f"the file gives field(s) {unknown} that {cls.__name__} does not take; the "
+                "class changed since the file was saved, or the file is damaged.",
+            )
+        missing = sorted(
+            name
+            for name, f in init_fields.items()
+            if name not in fields
+            and name not in SKIPPED_FIELDS
+            and f.default is dataclasses.MISSING
+            and f.default_factory is dataclasses.MISSING
+        )
+        if missing:
+            raise self.fail(
+                path,
+                f"the file lacks required field(s) {missing} of {cls.__name__}; the class "
+                "changed since the file was saved, or the file is damaged.",
+            )
+        declared = declared_types(cls)
+        for name, value in fields.items():
+            self.check_declared(value, (*path, name), depth + 1, declared.get(name))
+
+    def check_declared(self, value: Any, path: tuple, depth: int, declared: Any) -> None:
+        """A field's value, with what the field's declared type demands of it."""
+        bound = module_factory_bound(declared, self.module_bases)
+        if bound is not None and not (isinstance(value, dict) and value.get(TAG) == "class"):
+            raise self.fail(
+                path,
+                f"the field is declared {declared!r}: Flax calls it to create a module, so it "
+                "must name a module class; the file gives something else (it may have been "
+                "tampered with).",
+            )
+        self.check(value, path, depth, declared)
+        if bound is not None and not issubclass(self.class_of(value), bound):
+            raise self.fail(
+                path,
+                f"the class must be a subclass of {bound.__qualname__} (declared {declared!r}).",
+            )
+
+    def dtype(self, name: Any, path: tuple) -> Any:
+        """The dtype a file names (numeric or bool only)."""
+        try:
+            return _trust.dtype_from_name(name)
+        except Refused as e:
+            raise self.fail(path, str(e)) from None
+
+    # ---------------------------------------------------------------------------- building
+
+    def value(self, data: Any, path: tuple) -> Any:
+        """What a checked `data` describes, built."""
+        if isinstance(data, list):
+            return [self.value(v, (*path, i)) for i, v in enumerate(data)]
+        if not isinstance(data, dict):
+            return data
+        kind = data.get(TAG)
+        if kind is None:
+            return {k: self.value(v, (*path, k)) for k, v in data.items()}
+        return self._builders[kind](data, path)
+
+    def construct(self, path: tuple, build: Callable[[], Any], what: str) -> Any:
+        """`build()`, with what the class's own code raises reported at `path`."""
+        try:
+            return build()
+        except SerializationError:
+            raise
+        except Exception as e:  # the class's own code refused the file's values
+            raise self.fail(path, f"{what} failed: {type(e).__name__}: {e}") from e
+
+    def fields_of(self, data: dict, path: tuple) -> dict:
+        """A checked entry's fields, built."""
+        return {k: self.value(v, (*path, "fields", k)) for k, v in data.get("fields", {}).items()}
+
+    def decode_method_function(self, data: Any, path: tuple) -> Callable:
+        """A `method=` function: registered, or defined next to a class the file builds."""
+        self.check(data, path, 0, None)
+        if not (isinstance(data, dict) and data.get(TAG) == "function"):
+            raise self.fail(path, "a method function must be a function entry.")
+        return build_function(self, data, path, numerical=False)
