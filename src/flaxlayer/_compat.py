@@ -5,8 +5,9 @@ at once (and tests/test_compat.py says which), rather than a feature silently ch
 """
 
 import contextlib
+import operator
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import jax
@@ -50,6 +51,7 @@ __all__ = [
     "serialize_portable",
     "tensorflow_flat_call",
     "tensorflow_tape_records",
+    "torch_tensor_version",
     "tracked_variables",
     "unlocked_tracker",
     "untrack_variable",
@@ -316,3 +318,10 @@ def distribution_layout_map(distribution: Any) -> Any:
     """The `keras.distribution.LayoutMap` a distribution was made with, or None (Keras keeps
     it private; `ModelParallel(layout_map=...)` takes it)."""
     return getattr(distribution, "_layout_map", None)
+
+
+def torch_tensor_version() -> Callable[[Any], int]:
+    """`version(tensor)`: torch's count of in-place writes to a tensor (`Tensor._version`,
+    which an optimizer step or `Variable.assign` bumps), read at C speed: the PyTorch bridge
+    asks it of every variable on every call."""
+    return operator.attrgetter("_version")

@@ -80,6 +80,10 @@ def _layout(tensor: torch.Tensor) -> tuple:
     return tensor.data_ptr(), tensor.shape, tensor.stride(), tensor.dtype
 
 
+# torch's in-place write counter of a tensor.
+_tensor_version = _compat.torch_tensor_version()
+
+
 class _View:
     """A tensor's value as the compiled functions take it, and how it stays current.
 
@@ -131,7 +135,7 @@ class _Views:
             if (
                 v is None
                 or v.tensor is not t
-                or v.version != t._version
+                or v.version != _tensor_version(t)
                 or v.pointer != t.data_ptr()
             ):
                 if v is None or v.tensor is not t:
@@ -141,7 +145,7 @@ class _Views:
         return out
 
     def refresh(self, tensor: torch.Tensor, old: _View | None) -> _View:
-        version, layout = tensor._version, _layout(tensor)
+        version, layout = _tensor_version(tensor), _layout(tensor)
         if old is None or old.tensor is not tensor or old.layout != layout:
             return self._import(tensor, version, layout)
         if old.kind is _SHARED:  # written in place: the shared buffer holds the new values
