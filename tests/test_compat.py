@@ -163,3 +163,50 @@ def test_keras_call_scopes_are_where_compat_reads_them():
     values = [keras.ops.convert_to_numpy(v) for v in variable_values(layer.weights)]
     for value, variable in zip(values, layer.weights, strict=True):
         np.testing.assert_array_equal(value, keras.ops.convert_to_numpy(variable.value))
+
+
+def test_nnx_nodes_keep_their_bookkeeping_where_compat_reads_it():
+    from flax import nnx
+
+    from flaxlayer._compat import nnx_node_attributes, nnx_node_without_init
+
+    class Block(nnx.Module):
+        def __init__(self):
+            self.linear = nnx.Linear(2, 3, rngs=nnx.Rngs(0))
+            self.width = 3
+
+    module = Block()
+    attributes, data = nnx_node_attributes(module)
+    assert list(attributes) == ["linear", "width"], "update _compat.nnx_node_attributes"
+    assert data is not None and data["linear"] is True, "update _compat.nnx_node_attributes"
+    copy = nnx_node_without_init(Block, data)
+    for name, value in attributes.items():
+        object.__setattr__(copy, name, value)
+    assert nnx.graphdef(copy) == nnx.graphdef(module), "update _compat.nnx_node_without_init"
+
+
+def test_distributions_keep_their_layout_map():
+    if keras.backend.backend() != "jax":
+        pytest.skip("keras.distribution lays variables out on the JAX backend only")
+    from flaxlayer._compat import distribution_layout_map
+
+    devices = keras.distribution.list_devices()
+    mesh = keras.distribution.DeviceMesh((len(devices),), ["model"], devices)
+    layout_map = keras.distribution.LayoutMap(mesh)
+    model_parallel = keras.distribution.ModelParallel(layout_map=layout_map)
+    assert distribution_layout_map(model_parallel) is layout_map, "update distribution_layout_map"
+    assert distribution_layout_map(keras.distribution.DataParallel(devices=devices)) is None
+
+
+def test_torch_tensors_count_their_in_place_writes():
+    if keras.backend.backend() != "torch":
+        pytest.skip("the PyTorch bridge reads it on the torch backend only")
+    import torch
+
+    from flaxlayer._compat import torch_tensor_version
+
+    version = torch_tensor_version()
+    tensor = torch.zeros(2)
+    before = version(tensor)
+    tensor.add_(1.0)
+    assert version(tensor) > before, "update _compat.torch_tensor_version"

@@ -218,10 +218,6 @@ def test_model_parallel_init_creates_variables_already_sharded(kind, monkeypatch
         def kernel_init(key, shape, dtype=jnp.float32):
             value = nn.initializers.lecun_normal()(key, shape, dtype)
             concrete.append(not isinstance(value, jax.core.Tracer))
-            print("CALL", type(value), type(key))
-            import traceback
-
-            traceback.print_stack(limit=8)
             return value
 
         def make_layer():

@@ -5,8 +5,9 @@ at once (and tests/test_compat.py says which), rather than a feature silently ch
 """
 
 import contextlib
+import operator
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import jax
@@ -29,6 +30,7 @@ from keras.src.saving.serialization_lib import in_safe_mode as keras_safe_mode
 __all__ = [
     "called_by_keras_saving_walk",
     "current_path",
+    "distribution_layout_map",
     "export_serializer",
     "forget_uninitialized",
     "hashable_mapping",
@@ -43,12 +45,15 @@ __all__ = [
     "keras_export_format",
     "keras_safe_mode",
     "key_impl_name",
+    "nnx_node_attributes",
+    "nnx_node_without_init",
     "pytree_state",
     "replace_variable_value",
     "serialize_portable",
     "start_plain_call",
     "tensorflow_flat_call",
     "tensorflow_tape_records",
+    "torch_tensor_version",
     "track_variable",
     "tracked_variables",
     "unlocked_tracker",
@@ -280,7 +285,6 @@ def tensorflow_flat_call(concrete: Any) -> Any:
     return call
 
 
-<<<<<<< HEAD
 # ------------------------------------------------------------------- the engine (JaxLayer)
 
 
@@ -296,7 +300,8 @@ def start_plain_call(layer: Any) -> None:
         layer._called = True
     if layer._losses:
         layer._clear_losses()
-=======
+
+
 # --- saving
 
 
@@ -306,4 +311,48 @@ def jax_scalar_type_dtype(value: Any) -> Any:
     if type(value).__name__ == "_ScalarMeta":
         return value.dtype
     return None
->>>>>>> saving
+
+
+# --- adapters and bridges
+
+
+# NNX's own bookkeeping attributes of every graph node (`nnx.Pytree`): its state object, and
+# which attributes are data (`nnx.data`) rather than static.
+_NNX_NODE_STATE = "_pytree__state"
+_NNX_NODE_DATA = "_pytree__nodes"
+
+
+def nnx_node_attributes(node: Any) -> tuple[dict[str, Any], dict[str, bool] | None]:
+    """An NNX graph node's own attributes, without NNX's bookkeeping, in definition order; and
+    which of them NNX holds as data (`{name: is_data}`, None where the node records none)."""
+    attributes = {
+        name: value
+        for name, value in vars(node).items()
+        if name not in (_NNX_NODE_STATE, _NNX_NODE_DATA)
+    }
+    flags = vars(node).get(_NNX_NODE_DATA)
+    data = None if flags is None else {str(k): bool(v) for k, v in flags.items()}
+    return attributes, data
+
+
+def nnx_node_without_init(cls: type, data: dict[str, bool] | None) -> Any:
+    """A new `cls` node made as `nnx.merge` makes one: no `__init__`, NNX's bookkeeping set
+    (`data` as `nnx_node_attributes` gives it); the caller sets its attributes."""
+    node: Any = object.__new__(cls)
+    object.__setattr__(node, _NNX_NODE_STATE, pytree_state())
+    if data is not None:
+        object.__setattr__(node, _NNX_NODE_DATA, hashable_mapping(data))
+    return node
+
+
+def distribution_layout_map(distribution: Any) -> Any:
+    """The `keras.distribution.LayoutMap` a distribution was made with, or None (Keras keeps
+    it private; `ModelParallel(layout_map=...)` takes it)."""
+    return getattr(distribution, "_layout_map", None)
+
+
+def torch_tensor_version() -> Callable[[Any], int]:
+    """`version(tensor)`: torch's count of in-place writes to a tensor (`Tensor._version`,
+    which an optimizer step or `Variable.assign` bumps), read at C speed: the PyTorch bridge
+    asks it of every variable on every call."""
+    return operator.attrgetter("_version")

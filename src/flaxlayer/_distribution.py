@@ -14,7 +14,7 @@ import keras
 from keras.distribution import ModelParallel, TensorLayout
 
 from flaxlayer._bridges import supports_distribution
-from flaxlayer._compat import current_path
+from flaxlayer._compat import current_path, distribution_layout_map
 
 
 def active_distribution() -> Any:
@@ -36,7 +36,7 @@ def variable_layouts(
     owner: str,
 ) -> list[TensorLayout]:
     """The layout of each variable (full paths), honouring `annotations` ({path: spec})."""
-    layout_map = getattr(distribution, "_layout_map", None)
+    layout_map = distribution_layout_map(distribution)
     mesh = distribution.device_mesh
     layouts = []
     for path, shape in zip(paths, shapes, strict=True):

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from flaxlayer._adapter import SPEC_KEY, Adapter, Plan, raise_mismatches, shape_mismatches
-from flaxlayer._signature import bind, describe
+from flaxlayer._signature import Binding, bind, describe
 
 CALL_ROLES = ("params", "state", "rng")
 INIT_ROLES = ("rng",)
@@ -52,17 +52,24 @@ class FunctionAdapter(Adapter):
 
     def _init_call(self, rng, inputs):
         # As keras.layers.JaxLayer does, and as Haiku's BatchNorm needs to create its averages.
-        args, kwargs = self.init_binding.arguments({"rng": rng, "inputs": inputs, "training": True})
-        result = self.init_fn(*args, **kwargs)
+        init_fn, binding = self._init_with()
+        args, kwargs = binding.arguments({"rng": rng, "inputs": inputs, "training": True})
+        result = init_fn(*args, **kwargs)
         if not self.uses_state:
             return result, {}
         if not (isinstance(result, tuple) and len(result) == 2):
             raise ValueError(
                 f"{self.owner}: `call_fn` takes `state`, so `init_fn` "
-                f"{describe(self.init_fn)!r} must return a tuple (params, state); it returned "
+                f"{describe(init_fn)!r} must return a tuple (params, state); it returned "
                 f"{type(result).__name__}."
             )
         return result
+
+    def _init_with(self) -> tuple[Callable, Binding]:
+        """`init_fn` and how it is called (only asked for when the layer has an `init_fn`)."""
+        if self.init_fn is None or self.init_binding is None:
+            raise RuntimeError(f"{self.owner}: there is no init_fn to create the variables with.")
+        return self.init_fn, self.init_binding
 
     def model_name(self) -> str:
         name = getattr(self.call_fn, "__qualname__", None) or getattr(self.call_fn, "__name__", "")

@@ -54,9 +54,8 @@ def _split_keys(rng, streams: tuple[str, ...]):
 
 
 def _same_structure(a: Any, b: Any) -> bool:
-    if jax.tree.structure(a) != jax.tree.structure(b):  # type: ignore[operator]
-        return False
-    return all(
+    structure: Any = jax.tree.structure(a)  # jaxlib's PyTreeDef, which mypy cannot read
+    return structure == jax.tree.structure(b) and all(
         np.shape(x) == np.shape(y) and jnp.result_type(x) == jnp.result_type(y)
         for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
     )
@@ -179,7 +178,7 @@ class LinenAdapter(ModuleAdapter):
         # collection that grows (sown into) is per-call output. Repeat until that is stable.
         for _ in range(len(candidates) + 1):
             variables = {c: abstract[c] for c in ("params", *candidates) if c in abstract}
-            results = {}
+            results: dict[bool, Any] = {}
             for training in (False, True):
                 if training and not self.method.takes_training:
                     # The method never sees the flag: both modes run the same computation.

@@ -18,9 +18,9 @@ from flax import nnx
 
 from flaxlayer._adapter import ModuleAdapter, Plan, raise_mismatches, shape_mismatches
 from flaxlayer._compat import (
-    hashable_mapping,
     key_impl_name,
-    pytree_state,
+    nnx_node_attributes,
+    nnx_node_without_init,
     replace_variable_value,
 )
 from flaxlayer._methods import resolve_method
@@ -65,7 +65,7 @@ class _StateLayout:
             for key in path:
                 node = node[key]
             leaves.append(node)
-        return self.treedef.unflatten(leaves)  # type: ignore[attr-defined]
+        return jax.tree.unflatten(self.treedef, leaves)
 
 
 def _leaves_at(tree: dict, paths: list) -> list:
@@ -167,19 +167,14 @@ class NNXCodec(KindCodec):
         if id(value) in self._ids:
             return {TAG: "nnx_ref", "id": self._ids[id(value)]}
         self._ids[id(value)] = index = len(self._ids)
-        cls = type(value)
+        cls: type = type(value)
         ref = self.coder.class_ref(cls, where, instantiated=True)
-        declared = declared_types(cls, with_init=True)  # type: ignore[arg-type]
-        attributes, data = {}, None
-        for name, attribute in vars(value).items():
-            if name == "_pytree__state":
-                continue
-            if name == "_pytree__nodes":
-                data = {str(k): bool(v) for k, v in attribute.items()}
-                continue
-            attributes[name] = self.coder.value(
-                attribute, f"{cls.__name__}.{name}", declared=declared.get(name)
-            )
+        declared = declared_types(cls, with_init=True)
+        own, data = nnx_node_attributes(value)
+        attributes = {
+            name: self.coder.value(attribute, f"{cls.__name__}.{name}", declared=declared.get(name))
+            for name, attribute in own.items()
+        }
         return {TAG: "nnx_node", "id": index, "class": ref, "attributes": attributes, "data": data}
 
     def _encode_variable(self, variable: nnx.Variable, where: str) -> dict:
@@ -256,37 +251,37 @@ class NNXCodec(KindCodec):
 
     def _check_plain(self, data: Any, path: tuple, depth: int) -> None:
         """Variable metadata: plain data only (no functions, classes or hooks)."""
-        decoder = self.coder
         if depth > MAX_DEPTH:
-            raise decoder.fail(path, f"it is nested deeper than {MAX_DEPTH} levels.")
+            raise self.coder.fail(path, f"it is nested deeper than {MAX_DEPTH} levels.")
         if isinstance(data, list):
             for i, v in enumerate(data):
                 self._check_plain(v, (*path, i), depth + 1)
             return
-        if not isinstance(data, dict):
-            decoder.check(data, path, depth, None)
+        if not isinstance(data, dict) or data.get(TAG) in ("float", "dtype"):
+            self.coder.check(data, path, depth, None)
             return
+        for i, pair in enumerate(self._plain_pairs(data, path)):
+            self._check_plain_pair(pair, (*path, "items", i), depth)
+
+    def _plain_pairs(self, data: dict, path: tuple) -> list:
+        """The [key, value] pairs of a mapping or tuple entry in variable metadata."""
         kind = data.get(TAG)
-        if kind in ("float", "dtype"):
-            decoder.check(data, path, depth, None)
-            return
         if kind is None:
-            pairs = [[k, v] for k, v in data.items()]
-        elif kind in ("tuple", "dict", "frozendict") and set(data) == {TAG, "items"}:
+            return [[k, v] for k, v in data.items()]
+        if kind in ("tuple", "dict", "frozendict") and set(data) == {TAG, "items"}:
             pairs = data["items"] if kind != "tuple" else [[None, v] for v in data["items"]]
             if not isinstance(pairs, list):
-                raise decoder.fail(path, "items must be a list.")
-        else:
-            raise decoder.fail(path, f"variable metadata holds only plain data, not {kind!r}.")
-        for i, pair in enumerate(pairs):
-            if not (isinstance(pair, list) and len(pair) == 2):
-                raise decoder.fail((*path, "items", i), "not a [key, value] pair.")
-            if pair[0] in _HOOK_KEYS:
-                raise decoder.fail(
-                    (*path, "items", i), f"variable hooks ({pair[0]}) are not loaded."
-                )
-            self._check_plain(pair[0], (*path, "items", i, 0), depth + 1)
-            self._check_plain(pair[1], (*path, "items", i, 1), depth + 1)
+                raise self.coder.fail(path, "items must be a list.")
+            return pairs
+        raise self.coder.fail(path, f"variable metadata holds only plain data, not {kind!r}.")
+
+    def _check_plain_pair(self, pair: Any, path: tuple, depth: int) -> None:
+        if not (isinstance(pair, list) and len(pair) == 2):
+            raise self.coder.fail(path, "not a [key, value] pair.")
+        if pair[0] in _HOOK_KEYS:
+            raise self.coder.fail(path, f"variable hooks ({pair[0]}) are not loaded.")
+        self._check_plain(pair[0], (*path, 0), depth + 1)
+        self._check_plain(pair[1], (*path, 1), depth + 1)
 
     def finish_check(self) -> None:
         """NNX rng state is re-made on every call at its recorded shape, and the weights file
@@ -310,11 +305,8 @@ class NNXCodec(KindCodec):
             return self._decode_variable(data, path)
         cls = self.coder.class_of(data)
         # As NNX itself rebuilds a node in nnx.merge: no __init__, attributes set directly.
-        node = object.__new__(cls)
+        node = nnx_node_without_init(cls, data.get("data"))
         self._nodes[data["id"]] = node
-        object.__setattr__(node, "_pytree__state", pytree_state())
-        if data.get("data") is not None:
-            object.__setattr__(node, "_pytree__nodes", hashable_mapping(data["data"]))
         for name, value in data["attributes"].items():
             object.__setattr__(node, name, self.coder.value(value, (*path, "attributes", name)))
         return node
@@ -372,7 +364,7 @@ class NNXAdapter(ModuleAdapter):
             if var.get_metadata().get("out_sharding")
         }
         # Held until build, then handed to the Keras variables (never copied, never kept).
-        self._arrays = (jax.tree.leaves(params), jax.tree.leaves(rest))
+        self._arrays: tuple[list, list] | None = (jax.tree.leaves(params), jax.tree.leaves(rest))
         self._abstract = (
             self.params_layout.to_pure(
                 [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in self._arrays[0]]
@@ -392,6 +384,8 @@ class NNXAdapter(ModuleAdapter):
         )
 
     def init(self, rng, inputs):
+        if self._arrays is None or self._module is None:
+            raise RuntimeError(f"{self.owner}: the module's arrays were already handed over.")
         params, rest = self._arrays
         _mark_moved(self._module, self.owner)
         self._arrays = self._module = None
@@ -444,7 +438,7 @@ class NNXAdapter(ModuleAdapter):
             if shape:
                 key = jax.random.split(key, shape)
             leaves.append(key)
-        return self.rngs_layout.treedef.unflatten(leaves)  # type: ignore[attr-defined]
+        return jax.tree.unflatten(self.rngs_layout.treedef, leaves)
 
     def module_from(self, params: dict, state: dict, rng) -> nnx.Module:
         return nnx.merge(

@@ -83,65 +83,92 @@ def bind(
     """
     roles = (*roles, "inputs")
     parameters = parameters_of(fn, owner=owner, role=role)[1 if skip_first else 0 :]
-    named_inputs = any(p.name == "inputs" for p in parameters)
-    positional: list[str] = []
-    keyword: list[tuple[str, str]] = []
-    names: dict[str, str] = {}
-    contiguous = True  # positional arguments can still be appended
-    unfilled: list[str] = []
+    reading = _Reading(roles, named_inputs=any(p.name == "inputs" for p in parameters))
     for p in parameters:
-        if p.kind is inspect.Parameter.VAR_KEYWORD:
-            continue
-        if p.kind is inspect.Parameter.VAR_POSITIONAL:
-            if "inputs" not in names and contiguous:
-                positional.append("inputs")
-                names["inputs"] = "*" + p.name
-            contiguous = False
-            continue
-        if p.name in roles:
-            given = p.name
-        elif p.name in TRAINING_FLAGS:
-            given = "deterministic" if TRAINING_FLAGS[p.name] else "training"
-        elif "inputs" not in names and not named_inputs and p.kind in _POSITIONAL:
-            given = "inputs"
-        else:
-            given = None
-        if given is None or (given in names and given not in ("training", "deterministic")):
-            if p.default is inspect.Parameter.empty:
-                unfilled.append(p.name)
-            contiguous = False
-            continue
-        names.setdefault(given, p.name)
-        if contiguous and p.kind in _POSITIONAL:
-            positional.append(given)
-        elif p.kind is inspect.Parameter.POSITIONAL_ONLY:
-            unfilled.append(p.name)
-        else:
-            keyword.append((p.name, given))
-    binding = Binding(tuple(positional), tuple(keyword), names)
-    if "inputs" not in names:
-        taken = ", ".join(f"`{p.name}`" for p in parameters) or "no arguments"
-        raise ValueError(
-            f"{owner}: `{role}` {describe(fn)!r} takes no argument for the inputs (it takes "
-            f"{taken}). It must take `inputs`, or a first positional argument (any name"
-            + (", after the one that receives the module" if skip_first else "")
-            + f") that receives them: def {getattr(fn, '__name__', 'fn')}("
-            + ("module, " if skip_first else "")
-            + "inputs, training=False)."
-        )
-    if unfilled:
-        shown = ", ".join(f"`{n}`" for n in unfilled)
+        reading.take(p)
+    binding = Binding(tuple(reading.positional), tuple(reading.keyword), reading.names)
+    if "inputs" not in reading.names:
+        raise _no_inputs_error(fn, owner, role, parameters, skip_first)
+    if reading.unfilled:
         by_name = ", ".join(f"`{r}`" for r in roles[:-1])
         hint = (
-            wrapper_hint(unfilled, binding)
+            wrapper_hint(reading.unfilled, binding)
             if wrapper_hint
             else f", or rename it to the value it should receive ({by_name})."
         )
-        raise ValueError(
-            f"{owner}: `{role}` {describe(fn)!r} takes the required argument(s) {shown}, "
-            f"which the layer cannot fill. It passes the inputs to `{names['inputs']}`"
-            + (f", {by_name} by name" if by_name else "")
-            + ", the training flag to `training`, `train` or `is_training` and its negation to "
-            f"`deterministic`; any other argument needs a default. Give {shown} a default" + hint
-        )
+        raise _unfilled_error(fn, owner, role, reading, by_name, hint)
     return binding
+
+
+@dataclasses.dataclass
+class _Reading:
+    """What `bind` has read of a function's parameters so far, one parameter at a time."""
+
+    roles: tuple[str, ...]
+    named_inputs: bool  # a parameter is called `inputs`: no other one takes them by position
+    positional: list[str] = dataclasses.field(default_factory=list)
+    keyword: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    names: dict[str, str] = dataclasses.field(default_factory=dict)
+    unfilled: list[str] = dataclasses.field(default_factory=list)
+    contiguous: bool = True  # positional arguments can still be appended
+
+    def take(self, p: inspect.Parameter) -> None:
+        """Binds parameter `p` to its role, or records it as unfilled."""
+        if p.kind is inspect.Parameter.VAR_KEYWORD:
+            return
+        if p.kind is inspect.Parameter.VAR_POSITIONAL:
+            if "inputs" not in self.names and self.contiguous:
+                self.positional.append("inputs")
+                self.names["inputs"] = "*" + p.name
+            self.contiguous = False
+            return
+        given = self.role_of(p)
+        if given is None or (given in self.names and given not in ("training", "deterministic")):
+            if p.default is inspect.Parameter.empty:
+                self.unfilled.append(p.name)
+            self.contiguous = False
+            return
+        self.names.setdefault(given, p.name)
+        if self.contiguous and p.kind in _POSITIONAL:
+            self.positional.append(given)
+        elif p.kind is inspect.Parameter.POSITIONAL_ONLY:
+            self.unfilled.append(p.name)
+        else:
+            self.keyword.append((p.name, given))
+
+    def role_of(self, p: inspect.Parameter) -> str | None:
+        """The role `p` would take by its name or position, or None."""
+        if p.name in self.roles:
+            return p.name
+        if p.name in TRAINING_FLAGS:
+            return "deterministic" if TRAINING_FLAGS[p.name] else "training"
+        if "inputs" not in self.names and not self.named_inputs and p.kind in _POSITIONAL:
+            return "inputs"
+        return None
+
+
+def _no_inputs_error(
+    fn: Callable, owner: str, role: str, parameters: list[inspect.Parameter], skip_first: bool
+) -> ValueError:
+    taken = ", ".join(f"`{p.name}`" for p in parameters) or "no arguments"
+    return ValueError(
+        f"{owner}: `{role}` {describe(fn)!r} takes no argument for the inputs (it takes "
+        f"{taken}). It must take `inputs`, or a first positional argument (any name"
+        + (", after the one that receives the module" if skip_first else "")
+        + f") that receives them: def {getattr(fn, '__name__', 'fn')}("
+        + ("module, " if skip_first else "")
+        + "inputs, training=False)."
+    )
+
+
+def _unfilled_error(
+    fn: Callable, owner: str, role: str, reading: _Reading, by_name: str, hint: str
+) -> ValueError:
+    shown = ", ".join(f"`{n}`" for n in reading.unfilled)
+    return ValueError(
+        f"{owner}: `{role}` {describe(fn)!r} takes the required argument(s) {shown}, "
+        f"which the layer cannot fill. It passes the inputs to `{reading.names['inputs']}`"
+        + (f", {by_name} by name" if by_name else "")
+        + ", the training flag to `training`, `train` or `is_training` and its negation to "
+        f"`deterministic`; any other argument needs a default. Give {shown} a default" + hint
+    )

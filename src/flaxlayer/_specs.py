@@ -99,33 +99,27 @@ def spec_to_config(spec: Any, owner: str, what: str) -> Any:
 
 def spec_from_config(data: Any, owner: str, path: tuple, *, abstract: bool = False) -> Any:
     """The tree `spec_to_config` wrote; every entry checked (shapes, dtypes, depth)."""
+    return _SpecReader(owner, abstract).read(data, path)
 
-    def fail(where: tuple, what: str) -> SerializationError:
+
+class _SpecReader:
+    """Reads one recorded input structure for `spec_from_config`; `owner` names the layer in
+    errors, and with `abstract` every dimension must be known."""
+
+    def __init__(self, owner: str, abstract: bool):
+        self.owner, self.abstract = owner, abstract
+
+    def fail(self, where: tuple, what: str) -> SerializationError:
         shown = ".".join(str(p) for p in where)
-        return SerializationError(f"{owner}: cannot load config entry {shown}: {what}")
+        return SerializationError(f"{self.owner}: cannot load config entry {shown}: {what}")
 
-    def read(node: Any, where: tuple) -> Any:
+    def read(self, node: Any, where: tuple) -> Any:
         if len(where) > 2 * MAX_SPEC_DEPTH:
-            raise fail(where, f"it is nested deeper than {MAX_SPEC_DEPTH} levels.")
+            raise self.fail(where, f"it is nested deeper than {MAX_SPEC_DEPTH} levels.")
         if not isinstance(node, dict) or len(node) not in (1, 2):
-            raise fail(where, f"{node!r} is not an entry of a recorded structure.")
+            raise self.fail(where, f"{node!r} is not an entry of a recorded structure.")
         if set(node) == {"shape", "dtype"}:
-            shape = node["shape"]
-            if not (
-                isinstance(shape, list)
-                and len(shape) <= 32
-                and all(
-                    (d is None and not abstract)
-                    or (isinstance(d, int) and not isinstance(d, bool) and d >= 0)
-                    for d in shape
-                )
-            ):
-                raise fail((*where, "shape"), f"{shape!r} is not a shape.")
-            try:
-                dtype = dtype_from_name(node["dtype"])
-            except Refused as e:
-                raise fail((*where, "dtype"), str(e)) from None
-            return Leaf(shape, dtype.name)
+            return self.leaf(node, where)
         (kind,) = node if len(node) == 1 else (None,)
         value = node.get(kind)
         if kind == "none" and value is None:
@@ -133,16 +127,33 @@ def spec_from_config(data: Any, owner: str, path: tuple, *, abstract: bool = Fal
         if kind == "static" and isinstance(value, str):
             return value
         if kind in ("list", "tuple") and isinstance(value, list):
-            items = [read(v, (*where, kind, i)) for i, v in enumerate(value)]
+            items = [self.read(v, (*where, kind, i)) for i, v in enumerate(value)]
             return items if kind == "list" else tuple(items)
         if kind == "dict" and isinstance(value, list):
-            out = {}
-            for i, item in enumerate(value):
-                pair = isinstance(item, list) and len(item) == 2
-                if not (pair and isinstance(item[0], (str, int))):
-                    raise fail((*where, "dict", i), "not a [key, value] pair.")
-                out[item[0]] = read(item[1], (*where, "dict", item[0]))
-            return out
-        raise fail(where, f"{node!r} is not an entry of a recorded structure.")
+            return self.mapping(value, where)
+        raise self.fail(where, f"{node!r} is not an entry of a recorded structure.")
 
-    return read(data, path)
+    def leaf(self, node: dict, where: tuple) -> Leaf:
+        shape = node["shape"]
+        if not (isinstance(shape, list) and len(shape) <= 32 and all(map(self.is_size, shape))):
+            raise self.fail((*where, "shape"), f"{shape!r} is not a shape.")
+        try:
+            dtype = dtype_from_name(node["dtype"])
+        except Refused as e:
+            raise self.fail((*where, "dtype"), str(e)) from None
+        return Leaf(shape, dtype.name)
+
+    def is_size(self, d: Any) -> bool:
+        """A recorded dimension: a size, or None (unknown) unless abstract."""
+        return (d is None and not self.abstract) or (
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0
+        )
+
+    def mapping(self, items: list, where: tuple) -> dict:
+        out = {}
+        for i, item in enumerate(items):
+            pair = isinstance(item, list) and len(item) == 2
+            if not (pair and isinstance(item[0], (str, int))):
+                raise self.fail((*where, "dict", i), "not a [key, value] pair.")
+            out[item[0]] = self.read(item[1], (*where, "dict", item[0]))
+        return out

@@ -334,7 +334,7 @@ def _pullback_from(
     jax.eval_shape(trace, *args)
     treedef, traced_sources = found[0]
     _check_same_trace(sources, traced_sources, owner)
-    return treedef.unflatten([known[i] for i in sources])
+    return jax.tree.unflatten(treedef, [known[i] for i in sources])
 
 
 def _check_same_trace(first, found, owner: str) -> None:

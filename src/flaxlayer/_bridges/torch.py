@@ -18,6 +18,7 @@ import functools
 import itertools
 import warnings
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -79,6 +80,10 @@ def _layout(tensor: torch.Tensor) -> tuple:
     return tensor.data_ptr(), tensor.shape, tensor.stride(), tensor.dtype
 
 
+# torch's in-place write counter of a tensor.
+_tensor_version = _compat.torch_tensor_version()
+
+
 class _View:
     """A tensor's value as the compiled functions take it, and how it stays current.
 
@@ -130,7 +135,7 @@ class _Views:
             if (
                 v is None
                 or v.tensor is not t
-                or v.version != t._version
+                or v.version != _tensor_version(t)
                 or v.pointer != t.data_ptr()
             ):
                 if v is None or v.tensor is not t:
@@ -140,7 +145,7 @@ class _Views:
         return out
 
     def refresh(self, tensor: torch.Tensor, old: _View | None) -> _View:
-        version, layout = tensor._version, _layout(tensor)
+        version, layout = _tensor_version(tensor), _layout(tensor)
         if old is None or old.tensor is not tensor or old.layout != layout:
             return self._import(tensor, version, layout)
         if old.kind is _SHARED:  # written in place: the shared buffer holds the new values
@@ -197,7 +202,7 @@ def _vjp(pure, params, state, rng, inputs, training, wrt):
 
     def f(diff_p, diff_x):
         p = _merge(params, diff_p, p_mask)
-        x = x_def.unflatten(_merge(x_leaves, diff_x, x_mask))
+        x = jax.tree.unflatten(x_def, _merge(x_leaves, diff_x, x_mask))
         outputs, new_state, loss = pure(p, state, rng, x, training)
         return (outputs, loss), new_state
 
@@ -256,7 +261,8 @@ class _Call:
         self.program, (self.params, self.state), self.rng = program, views, rng
         self.inputs, self.training, self.wrt, self.host = inputs, training, wrt, host
         self.tensors, self.retain = tensors, program.retains(training)
-        self.out_def, self.avals = None, ()
+        self.out_def: Any = None  # the treedef of (outputs, loss), once forward has run
+        self.avals: tuple[tuple[Any, Any], ...] = ()
 
 
 class _JaxFunction(torch.autograd.Function):
@@ -374,7 +380,7 @@ class _Program:
         flat_x, x_def = jax.tree.flatten(inputs)
         flat_x = [x if isinstance(x, torch.Tensor) else torch.as_tensor(x) for x in flat_x]
         if _on_meta(flat_x) or _on_meta(params) or (rng is not None and rng.is_meta):
-            return self.symbolic(params, state, rng, x_def.unflatten(flat_x), training)
+            return self.symbolic(params, state, rng, jax.tree.unflatten(x_def, flat_x), training)
         if torch.jit.is_tracing():
             return _traced(
                 self.plain, self.pure, self.owner, params, state, rng, flat_x, x_def, training
@@ -388,7 +394,7 @@ class _Program:
             and (rng is None or rng.is_cpu)
         )
         owner = self.owner
-        x = x_def.unflatten([_argument(t, owner, host) for t in flat_x])
+        x = jax.tree.unflatten(x_def, [_argument(t, owner, host) for t in flat_x])
         r = None if rng is None else _argument(rng, owner, host)
         if torch.is_grad_enabled():
             wrt = (tuple(t.requires_grad for t in params), tuple(t.requires_grad for t in flat_x))
