@@ -196,6 +196,36 @@ def test_model_parallel_layout_map_shards_variables_and_matches(kind):
     assert_same_training(reference, distributed)
 
 
+def _wide_layer(kind, hidden, full_shape, concrete):
+    """A layer whose one (5, 24) kernel records, per init call, whether it was concrete."""
+    if kind == "linen":
+
+        def kernel_init(key, shape, dtype=jnp.float32):
+            value = nn.initializers.lecun_normal()(key, shape, dtype)
+            concrete.append(not isinstance(value, jax.core.Tracer))
+            return value
+
+        def make_layer():
+            return FlaxLayer(dm.LinenBNNet(hidden=hidden, kernel_init=kernel_init), name="f")
+
+        return make_layer, ".*Dense_0/kernel"
+
+    def init(rng, inputs):
+        params, state = dm.mlp_init(rng, inputs)
+        params["wide"] = {"kernel": jax.random.normal(rng, full_shape)}
+        concrete.append(not isinstance(params["wide"]["kernel"], jax.core.Tracer))
+        return params, state
+
+    def call(params, state, inputs, training):
+        outputs, state = dm.mlp_call(params, state, inputs, training)
+        return outputs + (inputs @ params["wide"]["kernel"]).sum(-1, keepdims=True), state
+
+    def make_layer():
+        return JaxLayer(call, init, seed=1, name="f")
+
+    return make_layer, ".*wide/kernel"
+
+
 @pytest.mark.parametrize("kind", ["linen", "jax"])
 def test_model_parallel_init_creates_variables_already_sharded(kind, monkeypatch):
     """A variable with a sharded layout is never materialised whole on one device.
@@ -213,33 +243,7 @@ def test_model_parallel_init_creates_variables_already_sharded(kind, monkeypatch
     in_dim, hidden = 5, 24
     full_shape = (in_dim, hidden)
     concrete = []  # per initializer call: whether it produced a concrete (not traced) array
-    if kind == "linen":
-
-        def kernel_init(key, shape, dtype=jnp.float32):
-            value = nn.initializers.lecun_normal()(key, shape, dtype)
-            concrete.append(not isinstance(value, jax.core.Tracer))
-            return value
-
-        def make_layer():
-            return FlaxLayer(dm.LinenBNNet(hidden=hidden, kernel_init=kernel_init), name="f")
-
-        key = ".*Dense_0/kernel"
-    else:
-
-        def init(rng, inputs):
-            params, state = dm.mlp_init(rng, inputs)
-            params["wide"] = {"kernel": jax.random.normal(rng, full_shape)}
-            concrete.append(not isinstance(params["wide"]["kernel"], jax.core.Tracer))
-            return params, state
-
-        def call(params, state, inputs, training):
-            outputs, state = dm.mlp_call(params, state, inputs, training)
-            return outputs + (inputs @ params["wide"]["kernel"]).sum(-1, keepdims=True), state
-
-        def make_layer():
-            return JaxLayer(call, init, seed=1, name="f")
-
-        key = ".*wide/kernel"
+    make_layer, key = _wide_layer(kind, hidden, full_shape, concrete)
 
     handed = []  # shardings of the values handed to keras.Variable with the full shape
     moved = []  # shardings of whole full-shape arrays passed to jax.device_put

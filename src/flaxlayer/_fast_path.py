@@ -23,7 +23,7 @@ class EagerPath:
     """The guards of one built layer's fast path, with the input dtype of its dtype policy
     (cached for the policy object it was found for)."""
 
-    __slots__ = ("_dtype", "_policy", "_ready", "store")
+    __slots__ = ("_cast_dtype", "_policy", "_ready", "store")
 
     def __init__(self, ready: Callable[[Any, np.dtype], Any], store: LayerVariables):
         #: The backend's check and cast of one input (`_bridges.eager_input`).
@@ -31,7 +31,7 @@ class EagerPath:
         #: The layer's variables, read directly (no Keras scope applies on this path).
         self.store = store
         self._policy: Any = None
-        self._dtype: np.dtype | None = None
+        self._cast_dtype: np.dtype | None = None
 
     def inputs(self, layer: Any, x: Any) -> Any:
         """`x` as the compiled program takes it, or None for Keras's path."""
@@ -39,10 +39,10 @@ class EagerPath:
             return None
         policy = layer.dtype_policy
         if policy is not self._policy:
-            self._policy, self._dtype = policy, _plain_input_dtype(layer)
-        if self._dtype is None or not layer.autocast or not _compat.keras_call_is_plain(x):
+            self._policy, self._cast_dtype = policy, _plain_input_dtype(layer)
+        if self._cast_dtype is None or not layer.autocast or not _compat.keras_call_is_plain(x):
             return None
-        return self._ready(x, self._dtype)
+        return self._ready(x, self._cast_dtype)
 
 
 def _plain_input_dtype(layer: Any) -> np.dtype | None:

@@ -95,7 +95,7 @@ class JaxLayer(FineTuningMethods, ViewMethods, keras.layers.Layer):
         self._settings = _layer_config.settings(owner, seed, platforms, kwargs.get("dtype"))
         self._blueprint = _build.Blueprint(given=given)
         self._lifecycle = Lifecycle()
-        self._variables: LayerVariables | None = None
+        self._store: LayerVariables | None = None
         self._program: Program | None = None
         self._eager: EagerPath | None = None
         self._build_inputs: _build.BuildInputs | None = None
@@ -151,7 +151,7 @@ class JaxLayer(FineTuningMethods, ViewMethods, keras.layers.Layer):
             self._adapter, given, inputs, seed, self._owner_name(), from_file
         )
         self._build_inputs = build
-        self._variables = store = LayerVariables.from_trees(trees, self._adapter, build.layouts)
+        self._store = store = LayerVariables.from_trees(trees, self._adapter, build.layouts)
         del trees  # the variables own these values: the build keeps no other reference
         first_value = self._first_value if from_file else None
         copy = given is not None and not from_file
@@ -168,7 +168,7 @@ class JaxLayer(FineTuningMethods, ViewMethods, keras.layers.Layer):
 
     def _compile(self) -> None:
         """A new program for the current variables (at build, and after fine-tuning)."""
-        store, build = self._variables, self._build_inputs
+        store, build = self._store, self._build_inputs
         assert store is not None and build is not None
         mixed = self.autocast and self.compute_dtype != self.variable_dtype
         self._program = program_for(
@@ -236,7 +236,7 @@ class JaxLayer(FineTuningMethods, ViewMethods, keras.layers.Layer):
     def get_config(self) -> dict:
         config = super().get_config()
         config.update(_layer_config.settings_config(self._settings))
-        finetune = finetune_config(self._variables) if self._variables is not None else None
+        finetune = finetune_config(self._store) if self._store is not None else None
         if finetune is not None:
             config["finetune"] = finetune
         config.update(self._model_config())
@@ -245,7 +245,7 @@ class JaxLayer(FineTuningMethods, ViewMethods, keras.layers.Layer):
     def _model_config(self) -> dict:
         """The entries of what the layer wraps (FlaxLayer: the module and method); without an
         init_fn, the shapes of params and state (the weights file holds their values)."""
-        store, shapes = self._variables, None
+        store, shapes = self._store, None
         if self.init_fn is None:  # an int8 kernel as the float param the module sees
             given = self._blueprint.given
             shapes = store.shapes() if store else _layer_config.given_shapes(given)
@@ -284,13 +284,13 @@ class JaxLayer(FineTuningMethods, ViewMethods, keras.layers.Layer):
     # ------------------------------------------------------------------------------- weights
 
     def save_own_variables(self, store) -> None:
-        assert self._variables is not None
-        for i, variable in enumerate(self._variables.all_vars):
+        assert self._store is not None
+        for i, variable in enumerate(self._store.all_vars):
             store[str(i)] = variable
 
     def load_own_variables(self, store) -> None:
-        assert self._variables is not None
-        variables = self._variables.all_vars
+        assert self._store is not None
+        variables = self._store.all_vars
         values = _loading.checked_file_values(self._owner_name(), variables, store)
         self._fill(variables, values)
 
@@ -310,15 +310,13 @@ class JaxLayer(FineTuningMethods, ViewMethods, keras.layers.Layer):
 
     def _first_value(self, index: int) -> Callable:
         """The initializer of deferred variable `index` (see `_loading.deferred_initializer`)."""
-        assert self._variables is not None
-        return _loading.deferred_initializer(
-            self._lifecycle, self._variables, index, self._materialize
-        )
+        assert self._store is not None
+        return _loading.deferred_initializer(self._lifecycle, self._store, index, self._materialize)
 
     def _materialize(self) -> None:
         """Gives a layer from a file, used before any weights came, its initial values."""
-        assert self._variables is not None and self._build_inputs is not None
-        _loading.materialize(self._lifecycle, self._adapter, self._build_inputs, self._variables)
+        assert self._store is not None and self._build_inputs is not None
+        _loading.materialize(self._lifecycle, self._adapter, self._build_inputs, self._store)
 
     def _built_variables(self, what: str) -> LayerVariables:
         return built_variables(self, what)

@@ -122,8 +122,8 @@ class Program:
     """
 
     __slots__ = (
+        "_abstract_inputs",
         "_compile",
-        "_inputs",
         "_learn",
         "_modes",
         "has_loss",
@@ -146,7 +146,7 @@ class Program:
     ):
         self.pure, self.needs_rng, self.has_loss = pure, needs_rng, has_loss
         #: Abstract stored params (float ones in the compute dtype) and state.
-        self.params, self.state, self._inputs = abstract_args
+        self.params, self.state, self._abstract_inputs = abstract_args
         #: Where the stored params and the state are in the layer's tracked variables.
         self.positions = positions
         self._compile = compile
@@ -168,7 +168,12 @@ class Program:
         if not self.state and not self.needs_rng[training]:
             return (), False
         return call_effects(
-            self.pure, self.params, self.state, self.rng_spec(training), self._inputs, training
+            self.pure,
+            self.params,
+            self.state,
+            self.rng_spec(training),
+            self._abstract_inputs,
+            training,
         )
 
     def output_spec(self, inputs: Any, training: bool) -> Any:

@@ -1,21 +1,16 @@
-"""Pytrees of arrays <-> named Keras variables.
+"""Pytrees of arrays, as variables see them: leaves with path parts, and tree layouts.
 
 A leaf at tree path ("params", "Dense_0", "kernel") becomes a `keras.Variable` named "kernel"
-created under the nested name scopes "params" / "Dense_0", so inside a layer its path is
-`<layer>/params/Dense_0/kernel`: what `LayoutMap`, `model.summary()` and errors show.
+under the nested name scopes "params" / "Dense_0" (`_store.VariableFactory`), so inside a layer
+its path is `<layer>/params/Dense_0/kernel`: what `LayoutMap`, `model.summary()` and errors show.
 """
 
-import contextlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import keras
 import numpy as np
-
-from flaxlayer._bridges import initial_value
-from flaxlayer._compat import in_stateless_scope
 
 
 def key_name(key: Any) -> str:
@@ -54,76 +49,6 @@ def is_float_dtype(dtype: Any) -> bool:
         return bool(jnp.issubdtype(np.dtype(dtype), jnp.floating))
     except TypeError:
         return False
-
-
-def create_variables(
-    leaves: list,
-    paths: Sequence[tuple[str, ...]],
-    *,
-    owner: str,
-    prefix: tuple[str, ...],
-    trainable: bool,
-    dtype_for: Callable[[Any], Any],
-    copy: bool = False,
-    layout_for: Callable[[tuple[str, ...]], Any] | None = None,
-    pending: Callable[[int], Callable] | None = None,
-) -> list[keras.Variable]:
-    """Creates one Keras variable per leaf, emptying `leaves` as it goes.
-
-    Each slot of `leaves` is cleared as soon as its variable exists, so the caller's arrays are
-    never held twice (a 1 GiB model stays ~1 GiB while its variables are created). Without
-    `copy`, a variable takes over its array (Keras's JAX trainer donates variable buffers, so the
-    array must not be used elsewhere afterwards); with `copy`, each leaf is copied on its own.
-    With `pending` (inside a StatelessScope), the leaves are abstract and variable `i` is
-    created without a value, `pending(i)` being its initializer.
-    """
-    variables = []
-    seen: dict[tuple[str, ...], int] = {}
-    deferred = in_stateless_scope()
-    for i, parts in enumerate(paths):
-        full = prefix + parts
-        if not parts:
-            full = (*prefix, "value")
-        if full in seen:
-            raise ValueError(
-                f"{owner}: two leaves map to the variable path {format_path(full)!r}. "
-                "Give the tree's entries distinct names."
-            )
-        seen[full] = i
-        value = leaves[i]
-        if isinstance(value, (bool, int, float)):  # as keras.layers.JaxLayer: layer dtypes
-            value = np.asarray(value, keras.backend.standardize_dtype(type(value)))
-        elif pending is not None:
-            value = jax.ShapeDtypeStruct(np.shape(value), value.dtype)
-        else:
-            value = initial_value(value, copy=copy)
-        leaves[i] = None
-        dtype = dtype_for(value.dtype)
-        floating = is_float_dtype(dtype)
-        with contextlib.ExitStack() as stack:
-            for scope in full[:-1]:
-                stack.enter_context(keras.name_scope(scope))
-            variables.append(
-                keras.Variable(
-                    # Inside a stateless scope Keras only accepts a callable, run on scope exit.
-                    initializer=pending(i)
-                    if pending is not None
-                    else (lambda shape, dtype, v=value: v)
-                    if deferred
-                    else value,
-                    shape=tuple(value.shape) if deferred or pending is not None else None,
-                    name=full[-1],
-                    dtype=dtype,
-                    trainable=trainable and floating,
-                    # Keras autocasts params only. State is cast inside the compiled function
-                    # instead: torch's Variable.assign under an autocast scope writes into a
-                    # cast copy, and the update would be lost.
-                    autocast=floating and trainable,
-                    layout=layout_for(full) if layout_for is not None else None,
-                )
-            )
-        del value
-    return variables
 
 
 def is_array_like(x: Any) -> bool:

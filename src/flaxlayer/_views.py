@@ -20,7 +20,7 @@ class _Layer(Protocol):
 
     _adapter: Adapter
     _blueprint: Blueprint
-    _variables: LayerVariables | None
+    _store: LayerVariables | None
 
     @property
     def trainable_weights(self) -> list: ...
@@ -81,7 +81,7 @@ class ViewMethods:
 
 
 def _tree(layer: _Layer, what: str, index: int) -> Any:
-    if layer._variables is None and layer._blueprint.given is not None:
+    if layer._store is None and layer._blueprint.given is not None:
         return layer._blueprint.given[index]
     store = built_variables(layer, what)
     if index == 0:
@@ -96,10 +96,10 @@ def module_values(layer: _Layer, what: str) -> tuple[Any, Any]:
 
 def built_variables(layer: _Layer, what: str) -> LayerVariables:
     """The layer's variables; a ValueError naming `what` needs them before it is built."""
-    if layer._variables is None:
+    if layer._store is None:
         raise ValueError(
             f"{layer._owner_name()}: `{what}` exists once the layer is built. Call the layer "
             "on inputs (`layer(x)`), or `layer.build(input_shape)` (e.g. "
             "`layer.build((None, 8, 8, 1))`), or build the model that holds it, first."
         )
-    return layer._variables
+    return layer._store
