@@ -48,10 +48,13 @@ class Lifecycle:
     """The phase of one layer; every change goes through `move_to`, checked against
     `TRANSITIONS` (a wrong order is a bug in flaxlayer, never a user's error)."""
 
-    __slots__ = ("phase",)
+    __slots__ = ("has_values", "phase")
 
     def __init__(self) -> None:
         self.phase = Phase.FRESH
+        #: The variables hold real values (neither absent nor placeholders): read by every
+        #: eager call, so kept as a plain attribute next to the phase it follows.
+        self.has_values = True
 
     def move_to(self, phase: Phase) -> None:
         if phase not in TRANSITIONS[self.phase]:
@@ -60,17 +63,13 @@ class Lifecycle:
                 f"{phase.value!r}. Please report this with the code that led here."
             )
         self.phase = phase
+        self.has_values = phase in (Phase.FRESH, Phase.FILLED)
 
     @property
     def from_file(self) -> bool:
         """Rebuilt from a config and still waiting for its values: errors while building or
         applying the module are the file's (a SerializationError)."""
         return self.phase in (Phase.CONFIGURED, Phase.DEFERRED, Phase.PLACEHOLDERS)
-
-    @property
-    def has_values(self) -> bool:
-        """The variables hold real values (neither absent nor placeholders)."""
-        return self.phase in (Phase.FRESH, Phase.FILLED)
 
     @property
     def awaits_values(self) -> bool:

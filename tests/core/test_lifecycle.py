@@ -143,6 +143,7 @@ def test_only_the_listed_transitions_are_allowed():
         if end in TRANSITIONS[start]:
             lifecycle.move_to(end)
             assert lifecycle.phase is end
+            assert lifecycle.has_values == (end in (Phase.FRESH, Phase.FILLED))
         else:
             with pytest.raises(RuntimeError, match="internal error"):
                 lifecycle.move_to(end)
