@@ -12,13 +12,14 @@ from flax import nnx
 
 from backend_models import ConvBN, NNXNet
 from flaxlayer import FlaxLayer
+from helpers import SUPPORT_DIR
 
 BACKENDS = ("jax", "tensorflow", "torch")
 
 LOAD = """
 import sys
 import numpy as np, keras
-sys.path.insert(0, {tests!r})
+sys.path.insert(0, {support!r})
 import backend_models
 import flaxlayer  # registers FlaxLayer with Keras, as a user script would
 for path, data, finetuned in {files!r}:
@@ -85,12 +86,11 @@ def test_keras_file_loads_under_every_other_backend(backend, saved_files):
     """Both files load in one fresh process per other backend, predict equally, keep training."""
     if backend == keras.backend.backend():
         pytest.skip("the files were saved under this backend")
-    tests = os.path.dirname(__file__)
     # Keras 3.15 saves a torch-trained model's optimizer as its torch-only class, which no other
     # backend can run (a plain keras.layers.Dense model fails the same way): recompile there.
     compile = keras.backend.backend() != "torch"
     env = dict(os.environ, KERAS_BACKEND=backend)
-    code = LOAD.format(tests=tests, files=saved_files, compile=compile)
+    code = LOAD.format(support=SUPPORT_DIR, files=saved_files, compile=compile)
     result = subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=400
     )

@@ -1,4 +1,5 @@
-"""Flax Linen modules used across the tests (top level, so they can be imported by name)."""
+"""Flax Linen modules of the core tests, also used by the saving tests (top level, so that a
+saved model finds them again by name)."""
 
 import flax.linen as nn
 import jax
@@ -25,10 +26,12 @@ class MyFlaxModule(nn.Module):
 class TwoInputModule(nn.Module):
     """The seed's second example, with a real `forward` body."""
 
+    hidden: int = 8
+
     @nn.compact
     def forward(self, input1, input2, deterministic):
         x = jnp.concatenate([input1, input2], axis=-1)
-        x = nn.Dense(8)(x)
+        x = nn.Dense(self.hidden)(x)
         x = nn.relu(x)
         x = nn.Dropout(rate=0.5, deterministic=deterministic)(x)
         outputs = nn.Dense(2)(x)

@@ -212,46 +212,6 @@ class WithLocalClass(nn.Module):
         return self.norm_cls()(inputs)
 
 
-# ----------------------------------------------------------------------------- point 4 modules
-
-
-class TwoInputModule(nn.Module):
-    """The seed's second example, with a real `forward` body."""
-
-    hidden: int = 8
-
-    @nn.compact
-    def forward(self, input1, input2, deterministic):
-        x = jnp.concatenate([input1, input2], axis=-1)
-        x = nn.Dense(self.hidden)(x)
-        x = nn.relu(x)
-        x = nn.Dropout(rate=0.5, deterministic=deterministic)(x)
-        outputs = nn.Dense(2)(x)
-        return outputs
-
-
-def my_flax_module_wrapper(module, inputs, training):
-    input1, input2 = inputs
-    return module.forward(input1, input2, not training)
-
-
-class EncoderModule(nn.Module):
-    """Several methods: `encode`, `decode` (takes training) and `__call__`."""
-
-    def setup(self):
-        self.enc = nn.Dense(4)
-        self.dec = nn.Dense(3)
-
-    def encode(self, inputs):
-        return self.enc(inputs)
-
-    def decode(self, inputs, training):
-        return self.dec(inputs) + (1.0 if training else 0.0)
-
-    def __call__(self, inputs):
-        return self.dec(self.encode(inputs))
-
-
 # ----------------------------------------------------------------------------- point 5 functions
 
 
