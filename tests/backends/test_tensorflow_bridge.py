@@ -1,4 +1,5 @@
-"""The TensorFlow bridge (issue 14, point 6 and `native_serialization_platforms`).
+"""The TensorFlow bridge: jax2tf conversions that TensorFlow can run, and
+`native_serialization_platforms`.
 
 jax2tf serializes for a StableHLO version newer than TensorFlow 2.21 reads: a module holding
 `erf` (exact GELU through `lax.erf`, `jax.scipy.special.erf`, truncated-normal sampling) or
@@ -124,7 +125,7 @@ def _version_tuple(v: str) -> tuple[int, ...]:
     return tuple(int(p) for p in v.split("."))
 
 
-# ---------------------------------------------------------------------------------- point 6
+# -------------------------------------------------- operations TensorFlow's StableHLO reads
 
 
 @pytest.mark.parametrize("kind", sorted(MODULES))

@@ -1,4 +1,4 @@
-"""Point 6: collections sown per call never break calls; "losses" feed add_loss."""
+"""Collections sown per call never break calls; "losses" feed add_loss."""
 
 import flax.linen as nn
 import jax

@@ -1,4 +1,4 @@
-"""Point 10: mixed precision policies keep float32 variables and compute in the policy dtype."""
+"""Mixed precision policies keep float32 variables and compute in the policy dtype."""
 
 import flax.linen as nn
 import jax.numpy as jnp

@@ -332,7 +332,7 @@ def test_params_or_state_without_init_fn_or_values(missing):
     assert "lonely" in message
 
 
-# ----------------------------------------------------------------- point 12: no init copy
+# ---------------------------------------------------------- no copy of the initial values
 
 
 def test_layer_keeps_no_reference_to_given_params():

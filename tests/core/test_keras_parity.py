@@ -1,4 +1,4 @@
-"""Parity with keras.layers.JaxLayer / FlaxLayer (issue 14, point 5).
+"""Parity with keras.layers.JaxLayer / FlaxLayer: every behaviour Keras tests for them.
 
 Every behaviour that Keras's own test file for these layers checks
 (keras-team/keras, keras/src/utils/jax_layer_test.py) is checked here for flaxlayer's JaxLayer

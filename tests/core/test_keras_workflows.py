@@ -1,4 +1,4 @@
-"""Point 11: fit/evaluate/predict options, callbacks, summary, .weights.h5 save/load.
+"""fit/evaluate/predict options, callbacks, summary, .weights.h5 save/load.
 
 Behaviours that hold for Linen and NNX alike are one test parametrized by module kind: a Linen
 `MLP` and an NNX `MLP` (3 -> 8 -> 2 with BatchNorm and dropout, the same weight counts).

@@ -1,4 +1,4 @@
-"""Point 2: the `method` argument (None, bound method, name, function) and its errors.
+"""The `method` argument (None, bound method, name, function) and its errors.
 
 Behaviours that hold for Linen and NNX alike are one test parametrized by module kind: a Linen
 `EncoderModule` and an NNX `MLP`, both with `encode(inputs)` and `takes_extra(inputs, scale)`.

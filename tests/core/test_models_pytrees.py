@@ -1,4 +1,4 @@
-"""Point 9: Sequential, Functional, subclassed models; pytree inputs/outputs; output shapes.
+"""Sequential, Functional and subclassed models; pytree inputs and outputs; output shapes.
 
 Behaviours that hold for Linen and NNX alike are one test parametrized by module kind: a Linen
 `MLP` and an NNX `MLP` (3 -> 8 -> 2 with BatchNorm and dropout, the same weight counts). A

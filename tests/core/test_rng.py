@@ -1,4 +1,4 @@
-"""Point 7: rng streams at init, per training call, at inference; reproducibility.
+"""rng streams at init, per training call, at inference; reproducibility.
 
 Behaviours that hold for Linen and NNX alike are one test parametrized by module kind: a Linen
 `DenseDropout` and an NNX `DropNet` (Dense/Linear 3 -> 16, then dropout 0.5), or a Linen and an

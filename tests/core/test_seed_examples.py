@@ -1,4 +1,4 @@
-"""Point 1: the seed's two examples run unchanged and train with fit."""
+"""The seed's two examples run unchanged and train with fit."""
 
 import io
 

@@ -1,4 +1,4 @@
-"""Point 3: `training` is True in fit and False in predict, evaluate and plain calls.
+"""`training` is True in fit and False in predict, evaluate and plain calls.
 
 The entry-point test runs for a Linen and an NNX module (parametrized by module kind): both
 count their training and inference calls in `train_calls` and `infer_calls` variables.

@@ -1,4 +1,5 @@
-"""Points 4, 5, 8, 12: initialization, given variables, trainable/non-trainable, paths."""
+"""Variables: initialization at build, given variables, trainable/non-trainable, paths, and no
+copy of the initial values kept."""
 
 import gc
 import inspect
@@ -18,7 +19,7 @@ from sample_data import make_data
 X = make_data(n=8)[0]
 
 
-# ------------------------------------------------------------------ point 4: init and given
+# ------------------------------------------------------- initialization and given variables
 
 
 def test_init_at_build_from_input_shape():
@@ -172,7 +173,7 @@ def test_flax_variables_keep_partitioning_boxes():
     assert tuple(layer.params["params"]["kernel"].shape) == (3, 4)
 
 
-# ----------------------------------------------------- point 5: trainable / non-trainable
+# -------------------------------------------------------------- trainable / non-trainable
 
 
 def test_params_trainable_other_collections_not():
@@ -244,7 +245,7 @@ def test_trainable_false_freezes_params():
     np.testing.assert_array_equal(to_numpy(layer.params["params"]["kernel"]), kernel)
 
 
-# ------------------------------------------------------------------------ point 8: paths
+# --------------------------------------------------------------------------------- paths
 
 
 def test_paths_standalone_default_name():
@@ -305,7 +306,7 @@ def test_same_leaf_name_in_params_and_state_stays_unique():
     assert {w.path for w in layer.weights} == {"flax_layer/params/w", "flax_layer/stats/w"}
 
 
-# ---------------------------------------------------------------- point 12: no init copy
+# --------------------------------------------------------- no copy of the initial values
 
 
 def test_layer_keeps_no_reference_to_given_variables():

@@ -1,4 +1,4 @@
-"""Serialization point 9: model.export(format="tf_saved_model") from the JAX backend."""
+"""model.export(format="tf_saved_model") from the JAX backend."""
 
 import keras
 import numpy as np

@@ -1,4 +1,4 @@
-"""NNX point 9: Linen modules through nnx.bridge.ToNNX, NNX modules through nnx.bridge.ToLinen."""
+"""Linen modules through nnx.bridge.ToNNX, NNX modules through nnx.bridge.ToLinen."""
 
 import keras
 import numpy as np

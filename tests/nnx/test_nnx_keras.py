@@ -1,4 +1,4 @@
-"""NNX point 7: the core Keras behaviours hold for NNX modules.
+"""The core Keras behaviours hold for NNX modules.
 
 The ones shared with Linen (Functional, Sequential and subclassed models, pytree inputs and
 outputs, the default and no-jit compile options, `.weights.h5`) are parametrized by module kind in

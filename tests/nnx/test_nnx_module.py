@@ -1,4 +1,4 @@
-"""NNX points 1, 2, 5, 6: recognising NNX modules, `method`, variables, paths, nnx.State I/O."""
+"""NNX modules as FlaxLayers: recognised, `method`, variables and their paths, nnx.State I/O."""
 
 import jax
 import keras
@@ -46,7 +46,7 @@ def _sizes(state):
     return sum(int(np.size(x)) for x in jax.tree.leaves(state))
 
 
-# ------------------------------------------------------------------------------ point 1
+# -------------------------------------------------------------- recognising NNX modules
 
 
 def test_nnx_module_is_recognised_without_any_extra_argument():
@@ -97,7 +97,7 @@ def test_method_function_whose_first_argument_is_not_module_raises():
         FlaxLayer(MLP(3, 2, rngs=nnx.Rngs(0)), method=wrong)
 
 
-# ------------------------------------------------------------------------------ point 2
+# ----------------------------------------------------------------------------- `method`
 
 
 def test_params_trainable_everything_else_non_trainable():
@@ -220,7 +220,7 @@ def test_module_given_variables_keeps_its_own_arrays():
     assert np.asarray(module(_x())).shape == (8, 2)  # the layer took nothing from it
 
 
-# ------------------------------------------------------------------------------ point 5
+# ------------------------------------------------------------------ variables and paths
 
 
 def test_variable_paths_are_layer_name_and_attribute_path():
@@ -246,7 +246,7 @@ def test_variable_paths_are_layer_name_and_attribute_path():
     }
 
 
-# ------------------------------------------------------------------------------ point 6
+# --------------------------------------------------------- nnx.State inputs and outputs
 
 
 def test_flax_variables_is_an_nnx_state_with_current_values():

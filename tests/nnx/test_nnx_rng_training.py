@@ -1,4 +1,4 @@
-"""NNX points 3 and 4: rng state inside NNX modules, and the training mode.
+"""NNX modules: rng state held inside the module, and the training mode.
 
 What Linen and NNX share (dropout keys per call and per step, seeds, `training` in each Keras
 entry point) is parametrized by module kind in test_rng.py and test_training_flag.py.
@@ -13,7 +13,7 @@ from helpers import to_numpy, weight_named
 from nnx_models import MLP, BNNet, NoiseNet
 from sample_data import normal_data
 
-# ------------------------------------------------------------------------------ point 3
+# ---------------------------------------------------------- rng state inside the module
 
 
 def test_rngs_held_by_the_module_give_fresh_keys_per_call():
@@ -23,7 +23,7 @@ def test_rngs_held_by_the_module_give_fresh_keys_per_call():
     assert not np.array_equal(a, b)
 
 
-# ------------------------------------------------------------------------------ point 4
+# ------------------------------------------------------------------------ training mode
 
 
 def test_without_training_arg_inference_uses_eval_mode_and_matches_manual_eval():

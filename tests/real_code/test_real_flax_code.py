@@ -1,4 +1,4 @@
-"""Issue "Real Flax code, unchanged", points 1-3, on every backend.
+"""Flax code written as real projects write it runs unchanged, on every backend.
 
 1. Method arguments: the first argument gets the inputs whatever its name; `training`, `train`,
    `is_training` get the flag and `deterministic` its negation; other arguments keep their

@@ -1,4 +1,5 @@
-"""Issue 14 point 7: a corpus of real-world-style Flax models (tests/corpus_models.py).
+"""A corpus of real-world-style Flax models (tests/support/corpus_models.py) trains, predicts
+as pure Flax does and loads in a fresh process.
 
 Each model is wrapped as users write it (no wrapper, except the Hugging Face model whose call
 signature needs one) and, on every backend:
@@ -8,7 +9,7 @@ signature needs one) and, on every backend:
 - the `.keras` file loads in a fresh process that imports nothing but keras, flaxlayer and
   corpus_models (no custom_objects), with equal predictions. One child process per backend loads
   every file, to keep the suite fast.
-Plus issue 14 point 4 on the language model: Flax's decode pattern (a cache initialised for the
+Plus, on the language model, Flax's decode pattern (a cache initialised for the
 full length, one token per call) in eager calls and in `predict`, token for token against a
 pure-Flax decode loop; and the VAE's own rng stream and sown KL loss.
 
@@ -410,7 +411,7 @@ def test_keras_file_loads_in_fresh_process(fresh_loads, name):
 
 
 def test_lm_decode_cache_one_token_per_call_matches_pure_flax(corpus):
-    """Issue 14 point 4: lm1b's decoding set-up through FlaxLayer, eagerly and in `predict`."""
+    """lm1b's decoding set-up through FlaxLayer, eagerly and in `predict`."""
     params = corpus.get("transformer_lm").case.layer.flax_variables["params"]
     batch, length = 4, LM_LENGTH
     decode_lm = cm.TransformerLM(dataclasses.replace(LM_CONFIG, decode=True, deterministic=True))

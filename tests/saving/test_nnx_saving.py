@@ -1,4 +1,4 @@
-"""NNX point 8: `.keras` round trips of NNX modules, static attributes, and safe loading."""
+"""NNX modules in `.keras` files: round trips, static attributes, and safe loading."""
 
 import os
 import sys

@@ -1,9 +1,9 @@
-"""Serialization points 2 and 3: what a module's config captures, and what it refuses.
+"""What a module's saved config captures, and what it refuses.
 
-Point 2: dataclass fields are captured recursively (submodules, containers, scalars, dtypes,
+Dataclass fields are captured recursively (submodules, containers, scalars, dtypes,
 flax/jax/numpy functions, initializers, partials, module classes) and come back equal after
 model.save / load_model; a class with its own get_config/from_config is saved through them.
-Point 3: a field that cannot be captured fails at save time, naming the class, the field and
+A field that cannot be captured fails at save time, naming the class, the field and
 the fix.
 """
 
@@ -217,7 +217,7 @@ def test_partial_of_module_class_round_trips(tmp_path):
     np.testing.assert_array_equal(loaded.predict(x, verbose=0), expected)
 
 
-# ------------------------------------------------------------------------------------ point 3
+# ------------------------------------------------------------- fields that cannot be captured
 
 
 def _closure():

@@ -1,11 +1,11 @@
-"""Serialization points 1, 4, 5, 6: model.save / load_model round trips without user code.
+"""model.save / load_model round trips without user code.
 
-Point 1: a model holding a FlaxLayer (Sequential and Functional) saves and loads with no
+A model holding a FlaxLayer (Sequential and Functional) saves and loads with no
 get_config/from_config/registration: same predictions (bitwise), same trainable and
 non-trainable values, same optimizer state, and `fit` goes on exactly where it stopped.
-Point 4: every form of `method` round-trips.
-Point 5: JaxLayer round-trips with registered functions, with custom_objects, and with `params=`.
-Point 6: get_config is JSON; serialize_keras_object / deserialize_keras_object round-trip.
+Every form of `method` round-trips.
+JaxLayer round-trips with registered functions, with custom_objects, and with `params=`.
+get_config is JSON; serialize_keras_object / deserialize_keras_object round-trip.
 """
 
 import json
@@ -52,7 +52,7 @@ def assert_same_model_state(original, loaded, x):
         np.testing.assert_array_equal(to_numpy(a), to_numpy(b), err_msg=a.path)
 
 
-# ------------------------------------------------------------------------------------ point 1
+# ----------------------------------------------------------------- models holding a FlaxLayer
 
 
 def _seed_sequential():
@@ -136,7 +136,7 @@ def test_uncompiled_model_round_trips(tmp_path):
     assert loaded.count_params() == model.count_params()
 
 
-# ------------------------------------------------------------------------------------ point 4
+# --------------------------------------------------------------------- every form of `method`
 
 
 def _two_inputs(n=6, seed=0):
@@ -201,7 +201,7 @@ def test_method_forms_round_trip(how, tmp_path):
         np.testing.assert_allclose(to_numpy(layer(x, training=True)), expected + 1.0, rtol=1e-6)
 
 
-# ------------------------------------------------------------------------------------ point 5
+# ----------------------------------------------------------------------------------- JaxLayer
 
 
 def test_jax_layer_registered_functions_round_trip(tmp_path):
@@ -298,7 +298,7 @@ def test_jax_layer_given_params_without_init_fn_round_trips(tmp_path):
     np.testing.assert_array_equal(to_numpy(loaded.layers[0].params["bias"]), params["bias"])
 
 
-# ------------------------------------------------------------------------------------ point 6
+# --------------------------------------------------- get_config and Keras's (de)serialization
 
 
 @pytest.mark.parametrize(

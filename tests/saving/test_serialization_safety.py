@@ -1,11 +1,11 @@
-"""Serialization points 7 and 8: tampered files load safely; bad files fail clearly.
+"""Tampered `.keras` files load safely; bad files fail clearly.
 
-Point 7: with the default safe_mode, a .keras file whose config names `os.system`,
+With the default safe_mode, a .keras file whose config names `os.system`,
 `builtins.exec`, a non-Flax class, or a module not yet imported (as the module class or as a
 function field) is refused with an error naming the reference; nothing is called and nothing
 is imported. Initializer factories are limited to the JAX/Flax ones. With safe_mode=False a
 class in a not-yet-imported module is imported.
-Point 8: truncated or corrupt files, a missing field and mismatched weight shapes give clear
+Truncated or corrupt files, a missing field and mismatched weight shapes give clear
 errors and load nothing partially.
 """
 
@@ -97,7 +97,7 @@ def _assert_untouched(unimported_module):
     assert not marker.exists()
 
 
-# ------------------------------------------------------------------------- point 7: classes
+# ---------------------------------------------------------------- tampered class references
 
 
 @pytest.mark.parametrize(
@@ -180,7 +180,7 @@ def test_class_lookup_runs_no_module_getattr_hook(tmp_path, monkeypatch):
         sys.modules.pop(name, None)
 
 
-# ----------------------------------------------------------------------- point 7: functions
+# ------------------------------------------------------------- tampered function references
 
 
 def _function(module_name, qualname):
@@ -344,7 +344,7 @@ def test_safe_loading_writes_no_files(tmp_path):
     assert victim.read_text() == "precious\n"
 
 
-# ---------------------------------------------------------------------- point 7: initializers
+# ---------------------------------------------------------------------- initializer factories
 
 
 @pytest.mark.parametrize(
@@ -382,7 +382,7 @@ def test_initializer_factory_untampered_loads(tmp_path):
     np.testing.assert_array_equal(loaded.predict(X, verbose=0), model.predict(X, verbose=0))
 
 
-# ------------------------------------------------------------------------------------ point 8
+# ---------------------------------------------------- truncated, corrupt and mismatched files
 
 
 def test_truncated_file_fails(tmp_path):

@@ -1,4 +1,4 @@
-"""The user's own model file, for the safe-loading attack tests (issue 13).
+"""The user's own model file, for the safe-loading attack tests (tests/saving/attacks).
 
 Written as a user writes one: Flax Linen and NNX modules at the top level, an activation of
 their own, an ordinary helper that writes a file, and a JAX function registered with Keras. A

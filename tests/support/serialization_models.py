@@ -17,7 +17,7 @@ import keras
 # The seed's first example lives in models.py; the serialization tests use it from here too.
 from core_models import MyFlaxModule  # noqa: F401
 
-# ----------------------------------------------------------------------------- point 1 modules
+# -------------------------------------------------------------- modules with state and dropout
 
 
 class BatchNormNet(nn.Module):
@@ -60,7 +60,7 @@ class SmallDense(nn.Module):
         return nn.Dense(self.features)(inputs)
 
 
-# ----------------------------------------------------------------------------- point 2 modules
+# ------------------------------------------------------------ modules whose config is captured
 
 
 class Block(nn.Module):
@@ -212,7 +212,7 @@ class WithLocalClass(nn.Module):
         return self.norm_cls()(inputs)
 
 
-# ----------------------------------------------------------------------------- point 5 functions
+# ---------------------------------------------------------------------------- JaxLayer functions
 
 
 @keras.saving.register_keras_serializable(package="flaxlayer_sertest")

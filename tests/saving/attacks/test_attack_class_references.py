@@ -169,7 +169,7 @@ BY_NAME = {a.name: a for a in ATTACKS}
 
 @pytest.mark.parametrize("name", names_of(CLASS_ATTACKS))
 def test_class_reference_must_name_the_defining_module_and_the_right_kind(name, main_run):
-    """Point 1: a class resolves only from its own defining module (`__main__` does not stand
+    """A class resolves only from its own defining module (`__main__` does not stand
     for a class the script imported; flax.linen does not stand for flax.linen.linear) and only
     as a subclass of what its position needs (Linen module, NNX node, NNX Variable type)."""
     refused(main_run, BY_NAME[name])
@@ -177,7 +177,7 @@ def test_class_reference_must_name_the_defining_module_and_the_right_kind(name, 
 
 @pytest.mark.parametrize("name", names_of(TRUST_ATTACKS))
 def test_functions_trusted_only_through_instantiated_user_classes(name, main_run):
-    """Point 1: a function is trusted through the defining module of a user Flax class the
+    """A function is trusted through the defining module of a user Flax class the
     file actually builds. A class entry in an unread key, a class value never instantiated, a
     module entry the loader never builds, a class entry naming `__main__`, or a library class
     (nn.Dense) grants nothing: the user's `write_report` / the script's `script_report` never

@@ -20,7 +20,7 @@ from attack_kit import (
 from helpers import RESULT_MARKER
 
 CONTROLS = [
-    # Issue point 7: each loads in the same fresh-process setup and predicts what it did.
+    # Each loads in the same fresh-process setup and predicts what it did.
     WARM_UP_CONTROL,
     Attack("control_linen_tanh_normal_init", "net_tanh"),
     Attack("control_linen_user_activation", "net_user_act"),
@@ -47,7 +47,7 @@ BY_NAME = {a.name: a for a in ATTACKS}
 
 @pytest.mark.parametrize("name", names_of(CONTROLS))
 def test_untampered_file_loads_and_predicts_equal(name, saved, main_run):
-    """Point 7 (controls): each family's legitimate file loads in the same fresh-process setup
+    """Each family's legitimate file loads in the same fresh-process setup
     (Linen with an activation and configured initializer, the user's own activation, a
     compiled model, methods by name incl. one inherited from a user base, NNX, ToLinen of the
     user's NNX class, a JaxLayer) and predicts what the saved model did."""
@@ -62,7 +62,7 @@ def test_untampered_file_loads_and_predicts_equal(name, saved, main_run):
 
 
 def test_function_passed_in_custom_objects_loads(main_run):
-    """Point 1 / rule 2(b): a function the script passes in custom_objects (Keras's explicit
+    """A function the script passes in custom_objects (Keras's explicit
     trust) is used, even though it lives in `__main__`."""
     result = main_run.result(CUSTOM_OBJECTS_CONTROL.name)
     assert result["loaded"], f"{result.get('error_type')}: {result.get('error', '')[:2000]}"
@@ -71,7 +71,7 @@ def test_function_passed_in_custom_objects_loads(main_run):
 
 
 def test_memory_child_control_loads(saved, memory_run):
-    """Point 7: the memory child's warm-up control loads (so a memory test cannot pass because
+    """The memory child's warm-up control loads (so a memory test cannot pass because
     loading is broken there)."""
     result = memory_run.result("control_linen_gelu_variance_scaling")
     assert result["loaded"], f"{result.get('error_type')}: {result.get('error', '')[:2000]}"

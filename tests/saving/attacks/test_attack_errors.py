@@ -18,7 +18,7 @@ from attack_kit import (
 )
 
 ERROR_ATTACKS = [
-    # Issue point 6: no raw AttributeError, AssertionError, RecursionError or TypeError.
+    # No raw AttributeError, AssertionError, RecursionError or TypeError.
     Attack(
         "err_custom_config_without_from_config",
         "net",
@@ -47,7 +47,7 @@ BY_NAME = {a.name: a for a in ATTACKS}
 
 
 def test_serialization_error_is_exported():
-    """Point 6: flaxlayer exports SerializationError, a ValueError."""
+    """flaxlayer exports SerializationError, a ValueError."""
     import flaxlayer
 
     assert issubclass(flaxlayer.SerializationError, ValueError)
@@ -56,7 +56,7 @@ def test_serialization_error_is_exported():
 
 @pytest.mark.parametrize("name", names_of(ERROR_ATTACKS))
 def test_odd_file_raises_serialization_error_naming_the_entry(name, main_run):
-    """Point 6: a custom_config on a class without from_config (AttributeError today), a
+    """A custom_config on a class without from_config (AttributeError today), a
     `parent` field (AssertionError), nesting deep enough to exhaust Python's stack
     (RecursionError), wrong-typed fields and an extra positional argument (TypeError) give a
     SerializationError naming the entry."""
@@ -64,7 +64,7 @@ def test_odd_file_raises_serialization_error_naming_the_entry(name, main_run):
 
 
 def test_saving_a_main_class_warns(saved):
-    """Point 6: saving a model whose module class is defined in `__main__` warns that only a
+    """Saving a model whose module class is defined in `__main__` warns that only a
     process whose `__main__` defines that class can load it."""
     messages = [m for _, m in saved.main_class_warnings if "__main__" in m]
     assert messages, f"no warning about __main__; got {saved.main_class_warnings}"
@@ -72,7 +72,7 @@ def test_saving_a_main_class_warns(saved):
 
 
 def test_loading_a_main_class_where_main_lacks_it_says_so(main_run):
-    """Point 6: loading that file in a process whose `__main__` lacks the class says the class
+    """Loading that file in a process whose `__main__` lacks the class says the class
     is missing and how to make it importable, not that the file was tampered with."""
     result = refused(main_run, MAIN_CLASS_MISSING)
     message = result["error"]

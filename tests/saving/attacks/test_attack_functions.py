@@ -17,7 +17,7 @@ from attack_kit import (
 )
 
 FUNCTION_ATTACKS = [
-    # Issue point 3: called by nn.Dense at build (dot_general_cls), arguments from the file.
+    # Called by nn.Dense at build (dot_general_cls), arguments from the file.
     Attack(
         "fn_jax_numpy_set_printoptions",
         "dense",
@@ -162,7 +162,7 @@ BY_NAME = {a.name: a for a in ATTACKS}
 
 @pytest.mark.parametrize("name", names_of(FUNCTION_ATTACKS))
 def test_function_outside_the_allow_list_is_refused_before_it_runs(name, main_run):
-    """Point 3: functions that print, register, change configuration or global state, or trace
+    """Functions that print, register, change configuration or global state, or trace
     (set_printoptions, Flax's register_*, named_call toggles, logical axis rules,
     jax.config.update, jax.debug.*, display, tabulate, the initializers modules' non-factory
     helpers) are refused; nn.Dense would call them at build with the file's arguments. Judged

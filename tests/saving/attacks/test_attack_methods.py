@@ -31,7 +31,7 @@ BY_NAME = {a.name: a for a in ATTACKS}
 
 @pytest.mark.parametrize("name", names_of(METHOD_ATTACKS))
 def test_method_by_name_is_never_flax_api(name, main_run):
-    """Point 4: `method` by name resolves only to a method the user's class (or a user base)
+    """`method` by name resolves only to a method the user's class (or a user base)
     defines; Module.tabulate/init/apply/bind/sow/__init__/__setattr__ and NNX's
     sow/eval/train/set_attributes/perturb/__init__ are refused and never run (no table
     printed, no Flax API call recorded)."""

@@ -22,7 +22,7 @@ from attack_kit import (
 )
 
 BRIDGE_ATTACKS = [
-    # Issue point 2: ToLinen calls nnx_class(*args, **kwargs) at build.
+    # ToLinen calls nnx_class(*args, **kwargs) at build.
     Attack(
         "tolinen_nnx_class_set_printoptions",
         "tolinen",
@@ -138,7 +138,8 @@ BY_NAME = {a.name: a for a in ATTACKS}
 
 @pytest.mark.parametrize("name", names_of(BRIDGE_ATTACKS))
 def test_bridge_calls_nothing_the_file_chose(name, main_run):
-    """Point 2: ToLinen's nnx_class must be an NNX Module class passing point 1 (not a
+    """ToLinen's nnx_class must be an NNX Module class that passes the class-reference checks
+    (not a
     function, a registry, a numpy/jax callable, the user's helper, a Linen class) and its
     metadata_fn an allowed function; refused before anything is called."""
     refused(main_run, BY_NAME[name])
@@ -146,7 +147,7 @@ def test_bridge_calls_nothing_the_file_chose(name, main_run):
 
 @pytest.mark.parametrize("name", names_of(HOOK_ATTACKS))
 def test_nnx_variable_hooks_from_the_file_never_run(name, main_run):
-    """Point 2 (beyond ToLinen): NNX calls a Variable's metadata hooks (on_create_value while
+    """Beyond ToLinen: NNX calls a Variable's metadata hooks (on_create_value while
     the file is decoded, on_get_value at every read) with arguments of its choosing; a hook in
     a variable's metadata is a function position like any other (here: display, a registry)
     and is refused, naming the metadata key."""

@@ -29,7 +29,7 @@ from attack_kit import (
 )
 
 ENTRY_ATTACKS = [
-    # Issue point 5: scalar and dtype entries accept numeric dtypes and JSON numbers only.
+    # Scalar and dtype entries accept numeric dtypes and JSON numbers only.
     Attack("scalar_object_dtype", "net", set_field("features", scalar("object", 4)), ("object",)),
     Attack("scalar_unicode_dtype", "net", set_field("features", scalar("U10", 4)), ("U10",)),
     Attack(
@@ -46,7 +46,7 @@ ENTRY_ATTACKS = [
 ]
 
 MEMORY_ATTACKS = [
-    # Issue point 5: each would take 2 GB or more; the peak may rise by MAX_RISE_MIB at most.
+    # Each would take 2 GB or more; the peak may rise by MAX_RISE_MIB at most.
     # The brief's 1-D shape: fails while Keras builds the model (the Linear cannot run).
     Attack(
         "mem_nnx_variable_shape",
@@ -152,7 +152,7 @@ BY_NAME = {a.name: a for a in ATTACKS}
 
 @pytest.mark.parametrize("name", names_of(ENTRY_ATTACKS))
 def test_scalar_and_dtype_entries_accept_numbers_only(name, main_run):
-    """Point 5: scalar entries take bool/int/uint/float/complex dtypes and JSON-number values;
+    """Scalar entries take bool/int/uint/float/complex dtypes and JSON-number values;
     dtype entries numeric names only (not object, U10, V1000000000)."""
     refused(main_run, BY_NAME[name])
 
@@ -160,7 +160,7 @@ def test_scalar_and_dtype_entries_accept_numbers_only(name, main_run):
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads /proc (Linux)")
 @pytest.mark.parametrize("name", names_of(MEMORY_ATTACKS))
 def test_loading_allocates_nothing_sized_by_the_config(name, memory_run):
-    """Point 5: a ~1 KB config asking for 1-3 GB (an NNX variable of shape [400000000], a
+    """A ~1 KB config asking for 1-3 GB (an NNX variable of shape [400000000], a
     Linen features=50_000_000 with compile=False and with the file's compile config (plain
     SGD), a 100M-wide input in the build config, JaxLayer params of shape (3, 100M), ToLinen
     of a 15M-wide nnx.Linear or of jnp.ones(600M), a non-factory initializer `ones` called
@@ -191,7 +191,7 @@ def _assert_memory_attack_refused(memory_run: ChildRun, name: str) -> None:
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads /proc (Linux)")
 def test_rng_key_shape_from_the_config_allocates_nothing(memory_run):
-    """Point 5, beyond the weights check: an NNX RngKey's shape is stored in the config only
+    """Beyond the weights check: an NNX RngKey's shape is stored in the config only
     (the weights file has no keys), and the layer re-makes keys of that shape at every call.
     A [50000000] key must be refused (SerializationError naming the key and the shape), not
     allocated while loading or at the first call."""
