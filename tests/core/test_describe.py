@@ -101,7 +101,7 @@ def test_frozen_layer_has_no_trainable_rows():
     assert _totals(lines[-1]) == {"total": 42, "trainable": 0, "non_trainable": 42}
 
 
-def test_int_state_collection():
+def test_integer_state_collection_is_described():
     layer = FlaxLayer(CounterNet())
     layer(np.ones((2, 3), "float32"))
     rows = _rows(_capture(layer))
@@ -109,7 +109,7 @@ def test_int_state_collection():
     assert rows["params/Dense_0/kernel"] == ("(3, 2)", "float32", "yes", 6)
 
 
-def test_nnx_module():
+def test_nnx_module_variables_are_described():
     layer = FlaxLayer(NNXMLP(3, 2, hidden=8, rngs=nnx.Rngs(0)))
     model = keras.Sequential([keras.Input((3,)), layer])
     lines = _capture(layer)

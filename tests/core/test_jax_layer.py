@@ -123,7 +123,7 @@ def test_given_params_mismatch_named():
     assert "given" in message
 
 
-def test_no_params_at_all():
+def test_call_fn_without_params_has_no_weights():
     layer = JaxLayer(lambda inputs: inputs * 2.0)
     np.testing.assert_allclose(to_numpy(layer(np.ones((2, 3), "float32"))), 2.0)
     assert layer.weights == [] or all("seed_generator" in w.path for w in layer.weights)
@@ -245,7 +245,7 @@ def test_rng_reproducible_with_seed():
     assert not np.allclose(a[1], c[1])
 
 
-def test_rng_fit():
+def test_call_fn_drawing_rng_trains_with_fit():
     x, y = make_data(n=16, in_dim=8, out_dim=16)
     model = keras.Sequential([keras.Input((8,)), JaxLayer(dropout_call, dropout_init)])
     model.compile(optimizer="adam", loss="mse")

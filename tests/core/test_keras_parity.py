@@ -408,7 +408,7 @@ def test_arguments_in_any_order():
     np.testing.assert_array_equal(to_numpy(layer(np.ones((1,)))), np.ones((1,)))
 
 
-def test_minimal_arguments():
+def test_call_fn_alone_makes_a_working_layer():
     def call_fn(inputs):
         return inputs
 

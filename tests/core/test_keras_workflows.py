@@ -108,7 +108,7 @@ def test_custom_callback_sees_logs():
     assert all(np.isfinite(e["val_loss"]) for e in epochs)
 
 
-def test_early_stopping():
+def test_early_stopping_ends_fit_early():
     x, y = make_data(n=16)
     model = _model()
     # Learning rate 0: the loss never improves by min_delta, so training stops early.

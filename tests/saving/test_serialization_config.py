@@ -94,7 +94,7 @@ def test_kitchen_predictions_equal(kitchen):
     np.testing.assert_array_equal(got, expected)
 
 
-def test_nested_submodules(kitchen):
+def test_nested_submodule_fields_load_with_their_fields(kitchen):
     _, loaded, _, _ = kitchen
     assert type(loaded.block) is sm.Block
     assert loaded.block.features == 5
@@ -107,7 +107,7 @@ def test_nested_submodules(kitchen):
     assert loaded.blocks[1].kernel_init is sm.Block.kernel_init
 
 
-def test_containers(kitchen):
+def test_tuple_fields_load_as_nested_tuples(kitchen):
     _, loaded, _, _ = kitchen
     assert loaded.sizes == (1, 2, (3, 4))
     assert type(loaded.sizes) is tuple and type(loaded.sizes[2]) is tuple
@@ -118,7 +118,7 @@ def test_containers(kitchen):
     assert type(loaded.table["b"]) is tuple and type(loaded.table["c"]) is list
 
 
-def test_scalars(kitchen):
+def test_scalar_fields_keep_their_value_and_type(kitchen):
     _, loaded, _, _ = kitchen
     assert loaded.rate == 0.25 and type(loaded.rate) is float
     assert loaded.big == math.inf
@@ -128,14 +128,14 @@ def test_scalars(kitchen):
     assert loaded.nothing is None  # not the default "something"
 
 
-def test_dtypes(kitchen):
+def test_dtype_fields_load_as_the_same_dtypes(kitchen):
     _, loaded, _, _ = kitchen
     assert jnp.dtype(loaded.storage_dtype) == jnp.dtype(jnp.bfloat16)
     assert jnp.dtype(loaded.param_dtype) == jnp.dtype(np.float32)
     assert jnp.dtype(loaded.dense.dtype) == jnp.dtype(np.float32)
 
 
-def test_functions(kitchen):
+def test_function_fields_load_as_the_same_functions(kitchen):
     _, loaded, _, _ = kitchen
     assert loaded.block.act is jax.nn.gelu
     assert loaded.blocks[0].act is nn.relu
@@ -153,7 +153,7 @@ def test_partial_of_flax_function(kitchen):
     assert loaded.partial_act.keywords == {"negative_slope": 0.2}
 
 
-def test_module_class_field(kitchen):
+def test_module_class_field_loads_as_the_same_class(kitchen):
     _, loaded, _, _ = kitchen
     assert loaded.norm_cls is nn.LayerNorm
 

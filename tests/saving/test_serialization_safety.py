@@ -410,7 +410,7 @@ def test_missing_required_field_names_it(tmp_path):
     assert "SmallDense" in str(info.value)
 
 
-def test_unknown_field_names_it(tmp_path):
+def test_unknown_field_is_refused_naming_it(tmp_path):
     _, path = _save(tmp_path, sm.SmallDense(features=4))
     tampered = _tamper(path, tmp_path, lambda module: module["fields"].update(bogus=1))
     with pytest.raises(ValueError, match="bogus"):
