@@ -55,7 +55,7 @@ def _tail(text: str, limit: int = 6000) -> str:
 
 def test_every_example_is_listed():
     assert {p.name for p in EXAMPLES.glob("*.py")} - set(SCRIPTS) == {
-        # Two processes with gloo collectives; tests/test_multiprocess.py runs it.
+        # Two processes with gloo collectives; tests/distribution/test_multiprocess.py runs it.
         "multiprocess_data_parallel.py"
     }
 

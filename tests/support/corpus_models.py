@@ -1,4 +1,4 @@
-"""A corpus of real-world-style Flax models, used by tests/test_real_models.py.
+"""A corpus of real-world-style Flax models, used by tests/real_models/test_real_models.py.
 
 Each model is written the way Flax's own examples (imagenet, lm1b, vae, sst2, gemma), the Flax
 NNX guides and Hugging Face write theirs: `train` / `deterministic` arguments, config

@@ -1,4 +1,5 @@
-"""Models used by tests/test_distribution.py: Linen and NNX modules, plain JAX functions.
+"""Models used by tests/distribution/test_distribution.py: Linen and NNX modules, plain JAX
+functions.
 
 All deterministic (no dropout), so a run on several devices can be compared with a run on one.
 `record_sharding` lets a model report the sharding of its inputs as XLA sees them inside the

@@ -1,4 +1,5 @@
-"""Flax NNX modules, Variable types and functions used by the tests/test_nnx*.py files.
+"""Flax NNX modules, Variable types and functions used by the tests in tests/nnx (and by the
+core tests parametrized by module kind).
 
 Everything is defined at the top level so a saved `.keras` file can name it again.
 """
