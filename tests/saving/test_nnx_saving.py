@@ -173,14 +173,20 @@ def test_unsupported_static_attribute_fails_at_save(cls, attribute, tmp_path):
 # ------------------------------------------------------------------------ safe loading
 
 
-def _replace_refs(obj, old, new):
-    """Replaces every {"module": ..., "qualname": ...} reference equal to `old`."""
+def _replace_refs(config, old, new):
+    """Replaces, in place, every {"module": ..., "qualname": ...} reference equal to `old`."""
+    config.update(_replaced_refs(config, old, new))
+
+
+def _replaced_refs(obj, old, new):
+    """A copy of `obj` with every {"module": ..., "qualname": ...} reference equal to `old`
+    replaced by `new`."""
     if isinstance(obj, dict):
         if obj.get("module") == old[0] and obj.get("qualname") == old[1]:
             return {**obj, "module": new[0], "qualname": new[1]}
-        return {k: _replace_refs(v, old, new) for k, v in obj.items()}
+        return {k: _replaced_refs(v, old, new) for k, v in obj.items()}
     if isinstance(obj, list):
-        return [_replace_refs(v, old, new) for v in obj]
+        return [_replaced_refs(v, old, new) for v in obj]
     return obj
 
 

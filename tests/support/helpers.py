@@ -43,12 +43,12 @@ def read_keras_zip(path) -> dict:
 
 
 def rewrite_config(src, dst, edit) -> None:
-    """Copies the .keras file `src` to `dst`, with its config.json passed through `edit(config)`:
-    `edit` changes the dict in place, or returns the config to write instead."""
+    """Copies the .keras file `src` to `dst`, with `edit(config)` applied to its config.json
+    (in place: what `edit` returns is ignored)."""
     members = read_keras_zip(src)
     config = json.loads(members["config.json"])
-    replaced = edit(config)
-    members["config.json"] = json.dumps(config if replaced is None else replaced).encode()
+    edit(config)
+    members["config.json"] = json.dumps(config).encode()
     with zipfile.ZipFile(dst, "w") as z:
         for name, data in members.items():
             z.writestr(name, data)

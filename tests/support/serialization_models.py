@@ -14,8 +14,12 @@ import jax
 import jax.numpy as jnp
 import keras
 
-# The seed's first example lives in models.py; the serialization tests use it from here too.
-from core_models import MyFlaxModule  # noqa: F401
+# The seed's examples and the several-method module live in core_models.py (each module is
+# defined once); the serialization tests use them from here too.
+from core_models import EncoderModule as EncoderModule
+from core_models import MyFlaxModule as MyFlaxModule
+from core_models import TwoInputModule as TwoInputModule
+from core_models import my_flax_module_wrapper as my_flax_module_wrapper
 
 # -------------------------------------------------------------- modules with state and dropout
 
