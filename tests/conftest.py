@@ -1,6 +1,12 @@
-"""Shared test setup: the JAX backend, a clean Keras session per test, small data helpers."""
+"""Shared test setup: the JAX backend, a clean Keras session per test, the `data` fixture.
+
+The tests live in one folder per concern (core, nnx, saving, ...); the modules they share
+(helpers, sample data, the model modules) live in tests/support/, put on sys.path here so that
+every test file imports them by their top-level names (`import serialization_models`).
+"""
 
 import os
+import sys
 
 # Must happen before anything imports keras (the backend) or jax (8 CPU devices, so the
 # distribution tests have a mesh; single-device code still runs on the first). The suite's
@@ -11,9 +17,13 @@ os.environ.setdefault(
     "XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
 )
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "support"))
+
 import keras
 import numpy as np
 import pytest
+
+from sample_data import make_data
 
 
 @pytest.fixture(autouse=True)
@@ -36,24 +46,6 @@ def rng():
     return np.random.default_rng(0)
 
 
-def make_data(n=16, in_dim=3, out_dim=2, seed=0):
-    """A tiny float32 regression data set."""
-    g = np.random.default_rng(seed)
-    x = g.normal(size=(n, in_dim)).astype("float32")
-    y = g.normal(size=(n, out_dim)).astype("float32")
-    return x, y
-
-
 @pytest.fixture
 def data():
     return make_data()
-
-
-def to_numpy(x):
-    """Any backend's tensor (or a jax array) as a NumPy array."""
-    return np.asarray(keras.ops.convert_to_numpy(x))
-
-
-def normal_data(n=16, dim=3, seed=0):
-    """Standard-normal float32 data of shape (n, dim)."""
-    return np.random.default_rng(seed).normal(size=(n, dim)).astype("float32")

@@ -1,7 +1,7 @@
 """Every private Keras and JAX name flaxlayer uses, in one place.
 
 Imported without fallbacks: if an upgrade of Keras or JAX moves one, importing flaxlayer fails
-at once (and tests/test_compat.py says which), rather than a feature silently changing.
+at once (and tests/packaging/test_compat.py says which), rather than a feature silently changing.
 """
 
 import contextlib
