@@ -25,7 +25,7 @@ from flaxlayer._program import Program, program_for
 from flaxlayer._specs import spec_from_config, spec_from_shapes, spec_of, spec_to_config, structs
 from flaxlayer._store import LayerVariables, VariableFactory
 from flaxlayer._types import PyTree
-from flaxlayer._views import ViewMethods, built_variables
+from flaxlayer._views import ViewMethods
 
 
 @keras.saving.register_keras_serializable(package="flaxlayer")
@@ -319,4 +319,10 @@ class JaxLayer(FineTuningMethods, ViewMethods, keras.layers.Layer):
         _loading.materialize(self._lifecycle, self._adapter, self._build_inputs, self._store)
 
     def _built_variables(self, what: str) -> LayerVariables:
-        return built_variables(self, what)
+        """The variables fine-tuning method `what` changes; a ValueError before build."""
+        if self._store is None:
+            raise ValueError(
+                f"{self._owner_name()}: {what} needs a built layer (its variables exist once it "
+                "is built). Call the layer on inputs, or layer.build(input_shape), first."
+            )
+        return self._store

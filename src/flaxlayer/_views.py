@@ -65,14 +65,21 @@ class ViewMethods:
         >>> layer.build((None, 3))
         >>> layer.describe()  # doctest: +NORMALIZE_WHITESPACE
         FlaxLayer 'net' (Linen module Dense)
-        path            shape   dtype    trainable  count
-        -------------------------------------------------
-        params/bias     (2,)    float32  yes            2
-        params/kernel   (3, 2)  float32  yes            6
-        -------------------------------------------------
+        path           shape   dtype    trainable  count
+        ------------------------------------------------
+        params/bias    (2,)    float32  yes            2
+        params/kernel  (3, 2)  float32  yes            6
+        ------------------------------------------------
         Total: 8 params (32.00 B); trainable: 8 (32.00 B); non-trainable: 0 (0.00 B)
         """
-        store = built_variables(self, "describe")
+        if self._store is None:
+            raise ValueError(
+                f"{self._owner_name()} is not built yet, so it has no variables to describe. "
+                "Build it first: call it once on inputs (`layer(x)`), call "
+                "`layer.build(input_shape)` (e.g. `layer.build((None, 8, 8, 1))`), or build or "
+                "call the model that holds it."
+            )
+        store = self._store
         what = self._adapter.model_name()
         title = self._owner_name() + (f" ({what})" if what else "")
         trainable = {id(v) for v in self.trainable_weights}
@@ -99,7 +106,6 @@ def built_variables(layer: _Layer, what: str) -> LayerVariables:
     if layer._store is None:
         raise ValueError(
             f"{layer._owner_name()}: `{what}` exists once the layer is built. Call the layer "
-            "on inputs (`layer(x)`), or `layer.build(input_shape)` (e.g. "
-            "`layer.build((None, 8, 8, 1))`), or build the model that holds it, first."
+            "on inputs (or model.build / layer.build(input_shape)) first."
         )
     return layer._store
