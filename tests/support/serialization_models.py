@@ -38,22 +38,6 @@ class BatchNormNet(nn.Module):
         return nn.Dense(self.out)(x)
 
 
-class BatchNormDropoutNet(nn.Module):
-    """Dense + BatchNorm + Dropout + Dense, taking `training` (for export)."""
-
-    hidden: int = 8
-    out: int = 2
-    rate: float = 0.5
-
-    @nn.compact
-    def __call__(self, inputs, training):
-        x = nn.Dense(self.hidden)(inputs)
-        x = nn.BatchNorm(use_running_average=not training, momentum=0.5)(x)
-        x = nn.relu(x)
-        x = nn.Dropout(rate=self.rate, deterministic=not training)(x)
-        return nn.Dense(self.out)(x)
-
-
 class SmallDense(nn.Module):
     """One Dense layer with a required field."""
 
