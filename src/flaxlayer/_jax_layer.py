@@ -142,14 +142,10 @@ class JaxLayer(FineTuningMethods, ViewMethods, keras.layers.Layer):
 
     def _build(self, inputs: Any) -> None:
         from_file = self._lifecycle.phase is Phase.CONFIGURED
-        given, seed = self._blueprint.given, self._settings.init_seed
-        finetune, self._blueprint = (
-            self._blueprint.finetune,
-            self._blueprint.but(given=None, finetune=None),
-        )
-        build, trees = _build.start(
-            self._adapter, given, inputs, seed, self._owner_name(), from_file
-        )
+        blueprint, seed = self._blueprint, self._settings.init_seed
+        given, owner = blueprint.given, self._owner_name()
+        build, trees = _build.start(self._adapter, given, inputs, seed, owner, from_file)
+        self._blueprint = blueprint.but(given=None, finetune=None)  # the build took them over
         self._build_inputs = build
         self._store = store = LayerVariables.from_trees(trees, self._adapter, build.layouts)
         del trees  # the variables own these values: the build keeps no other reference
@@ -160,8 +156,8 @@ class JaxLayer(FineTuningMethods, ViewMethods, keras.layers.Layer):
         _build.create_module_variables(factory, store, dtype_for, copy, first_value)
         if from_file:
             self._lifecycle.move_to(Phase.DEFERRED)
-        if finetune is not None:
-            replay_finetune(store, factory, finetune, first_value)
+        if blueprint.finetune is not None:
+            replay_finetune(store, factory, blueprint.finetune, first_value)
         if any(build.plan.needs_rng):
             self.seed_generator = self._settings.seed_generator
         self._compile()
