@@ -6,12 +6,13 @@ them, reached through what users and Keras do (construct, `from_config`, build, 
 import itertools
 
 import flax.linen as nn
+import jax
 import keras
 import numpy as np
 import pytest
 from keras.src.saving.serialization_lib import SafeModeScope
 
-from flaxlayer import FlaxLayer
+from flaxlayer import FlaxLayer, JaxLayer
 from flaxlayer._lifecycle import TRANSITIONS, Lifecycle, Phase
 
 
@@ -156,3 +157,32 @@ def test_every_phase_is_reachable_from_fresh():
         reached |= nxt
         frontier += nxt
     assert reached == set(Phase)
+
+
+INIT_CALLS = []
+
+
+@keras.saving.register_keras_serializable(package="lifecycle_test")
+def counted_init(rng, inputs):
+    INIT_CALLS.append(1)
+    return {"w": jax.random.normal(rng, (inputs.shape[-1], 2))}
+
+
+@keras.saving.register_keras_serializable(package="lifecycle_test")
+def counted_call(params, inputs):
+    return inputs @ params["w"]
+
+
+def test_initial_values_of_a_layer_from_a_file_are_made_once():
+    """Reading its variables and calling it after the first use never runs init again."""
+    fresh = JaxLayer(counted_call, counted_init, name="counted")
+    fresh.build((None, 3))
+    layer = JaxLayer.from_config(fresh.get_config())
+    layer.build_from_config(fresh.get_build_config())
+    x = np.ones((2, 3), "float32")
+    layer(x)
+    before = len(INIT_CALLS)
+    _values(layer)
+    layer(x)
+    assert len(INIT_CALLS) == before
+    assert layer._lifecycle.phase is Phase.FILLED
