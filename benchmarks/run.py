@@ -834,7 +834,8 @@ def draw_chart(path: Path, analysis: dict, sections: set) -> bool:
 # -------------------------------------------------------------------------------------- main
 
 
-def main(argv=None) -> int:
+def _arguments(argv) -> tuple[argparse.Namespace, set, dict, Path | None]:
+    """The command line: its arguments, the sections, the run's config and the output file."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke test: small, 2 repeats")
     parser.add_argument(
@@ -843,8 +844,7 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, help="interleaved repeats (default 7, quick 2)")
     parser.add_argument("--output", type=Path, help="results markdown (default results.md)")
     parser.add_argument("--no-write", action="store_true", help="print only")
-    argv = sys.argv[1:] if argv is None else argv
-    args = parser.parse_args(argv)
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     sections = {s.strip() for s in args.only.split(",") if s.strip()}
     if not sections <= set(SECTIONS):
         parser.error(f"--only takes a subset of {SECTIONS}")
@@ -852,9 +852,11 @@ def main(argv=None) -> int:
     if args.repeats:
         config["repeats"] = args.repeats
     output = args.output or (None if args.quick else HERE / "results.md")
-    if args.no_write:
-        output = None
+    return args, sections, config, None if args.no_write else output
 
+
+def main(argv=None) -> int:
+    args, sections, config, output = _arguments(argv)
     started = time.perf_counter()
     meta = {
         "started": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),

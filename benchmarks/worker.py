@@ -244,6 +244,24 @@ def setup_eager(params: dict, variants: list[str]) -> tuple[dict, dict]:
     x_jax = jnp.asarray(x_np)
     reference = np.asarray(apply(variables, x_jax))
 
+    layers, models = _eager_layers(module, variants, own_copy)
+    inputs = {"jit": x_jax, "jitnp": x_np, "call": x, "callnp": x_np}
+    made, checks = {}, {}
+    for name in variants:
+        kind, what = name.split("/")
+        made[name] = EagerVariant(_eager_fn(kind, what, layers, models, apply, variables, inputs))
+        out = np.asarray(keras.ops.convert_to_numpy(made[name].once()))
+        if kind != "nnx":  # the NNX network has its own initial values
+            checks[f"{name} max |diff| vs jit(module.apply)"] = float(
+                np.max(np.abs(out - reference))
+            )
+    for variant in made.values():
+        variant.calibrate(params["budget"])
+    return made, checks
+
+
+def _eager_layers(module, variants: list[str], own_copy) -> tuple[dict, dict]:
+    """The layers the eager variants call, and the models `predict` variants use."""
     layers = {}
     if any(v.startswith("ours/") for v in variants):
         layers["ours"] = flaxlayer.FlaxLayer(module, variables=own_copy())
@@ -258,35 +276,21 @@ def setup_eager(params: dict, variants: list[str]) -> tuple[dict, dict]:
             params=copy["params"],
             state={"batch_stats": copy["batch_stats"]},
         )
-    models = {}
-    for kind in ("ours", "keras"):
-        if f"{kind}/predict" in variants:
-            models[kind] = keras.Sequential(
-                [keras.Input((workloads.BLOCK_FEATURES,)), layers[kind]]
-            )
+    models = {
+        kind: keras.Sequential([keras.Input((workloads.BLOCK_FEATURES,)), layers[kind]])
+        for kind in ("ours", "keras")
+        if f"{kind}/predict" in variants
+    }
+    return layers, models
 
-    made, checks = {}, {}
-    for name in variants:
-        kind, what = name.split("/")
-        if name == "apply/jit":
-            fn = lambda: apply(variables, x_jax)  # noqa: E731
-        elif name == "apply/jitnp":
-            fn = lambda: apply(variables, x_np)  # noqa: E731
-        elif what == "call":
-            fn = lambda layer=layers[kind]: layer(x)  # noqa: E731
-        elif what == "callnp":
-            fn = lambda layer=layers[kind]: layer(x_np)  # noqa: E731
-        else:
-            fn = lambda model=models[kind]: model.predict_on_batch(x_np)  # noqa: E731
-        made[name] = EagerVariant(fn)
-        out = np.asarray(keras.ops.convert_to_numpy(made[name].once()))
-        if kind != "nnx":  # the NNX network has its own initial values
-            checks[f"{name} max |diff| vs jit(module.apply)"] = float(
-                np.max(np.abs(out - reference))
-            )
-    for variant in made.values():
-        variant.calibrate(params["budget"])
-    return made, checks
+
+def _eager_fn(kind, what, layers, models, apply, variables, inputs):
+    """The call one eager variant times: `apply/jit[np]`, `<kind>/call[np]` or a predict."""
+    if kind == "apply":
+        return lambda x=inputs[what]: apply(variables, x)
+    if what in ("call", "callnp"):
+        return lambda layer=layers[kind], x=inputs[what]: layer(x)
+    return lambda model=models[kind], x=inputs["callnp"]: model.predict_on_batch(x)
 
 
 # ------------------------------------------------------------------------------------- server
