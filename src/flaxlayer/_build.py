@@ -1,8 +1,8 @@
 """Building a layer: the module's initial values, their layouts, and the variables they become.
 
-Free functions over the adapter's `Plan`; `JaxLayer.build` calls them in order: `plan_layouts`,
-then `initial_trees` (a fresh build) or the plan's abstract trees (a build from a file), then
-`create_module_variables`.
+Free functions over the adapter's `Plan`; `JaxLayer.build` calls `start` (the plan, the
+variables' layouts, then `initial_trees` for a fresh build or the plan's abstract trees for a
+build from a file), then `create_module_variables`.
 """
 
 import contextlib
