@@ -16,12 +16,16 @@ import keras
 
 # The seed's examples and the several-method module live in core_models.py (each module is
 # defined once); the serialization tests use them from here too.
+from core_models import MLP
 from core_models import EncoderModule as EncoderModule
 from core_models import MyFlaxModule as MyFlaxModule
 from core_models import TwoInputModule as TwoInputModule
 from core_models import my_flax_module_wrapper as my_flax_module_wrapper
 
 # -------------------------------------------------------------- modules with state and dropout
+
+#: Dense + BatchNorm + Dropout + Dense, taking `training` (core_models' MLP).
+BatchNormDropoutNet = MLP
 
 
 class BatchNormNet(nn.Module):
