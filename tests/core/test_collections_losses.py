@@ -18,7 +18,10 @@ def test_sown_collections_do_not_break_call_jit_or_fit():
     x, y = make_data(n=16)
     layer = FlaxLayer(module)
     out = to_numpy(layer(x))
-    np.testing.assert_allclose(out, np.asarray(module.apply(layer.flax_variables, x, False)))
+    expected = np.asarray(module.apply(layer.flax_variables, x, False))
+    # On TensorFlow and PyTorch another compiler (or JAX's jit, not op by op) runs the module:
+    # the last float bit may differ.
+    np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-6)
     # Sown collections are per-call outputs, not state.
     assert set(layer.state) == set()
     assert all("/params/" in w.path for w in layer.weights)
