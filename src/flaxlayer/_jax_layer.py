@@ -121,7 +121,9 @@ class JaxLayer(FineTuningMethods, ViewMethods, keras.layers.Layer):
                 _compat.start_plain_call(self)
                 params, state_vars = eager.store.stored_params, eager.store.state_vars
                 params, state = _compat.variable_values(params), _compat.variable_values(state_vars)
-                return self._apply(inputs, bool(kwargs.get("training")), params, state_vars, state)
+                return self._run_program(
+                    inputs, bool(kwargs.get("training")), params, state_vars, state
+                )
         if not self.built:
             inputs = args[0] if args else kwargs.get("inputs")
             self._blueprint = self._blueprint.but(inputs_spec=spec_of(inputs, self.compute_dtype))
@@ -195,11 +197,13 @@ class JaxLayer(FineTuningMethods, ViewMethods, keras.layers.Layer):
         params_at, state_at = program.positions
         state_vars = [tracked[i] for i in state_at]
         params = [tracked[i].value for i in params_at]
-        return self._apply(
+        return self._run_program(
             inputs, bool(training), params, state_vars, [v.value for v in state_vars]
         )
 
-    def _apply(self, inputs: Any, training: bool, params: list, state_vars: list, state: list):
+    def _run_program(
+        self, inputs: Any, training: bool, params: list, state_vars: list, state: list
+    ):
         """One call of the compiled program on these values; writes back the state it changes
         and adds the losses the module sows."""
         program = self._program

@@ -128,6 +128,20 @@ def test_eager_call_equals_flax_with_and_without_grad():
     np.testing.assert_allclose(quiet.numpy(), expected, atol=ATOL)
 
 
+def test_torch_module_methods_that_move_a_model_keep_working():
+    """`model.to(...)`, `.float()` and `.cpu()` run torch.nn.Module's own `_apply`, which a
+    flaxlayer layer must not shadow."""
+    x = normal_data(4, 5)
+    layer = _layer(Net(), x)
+    expected = flax_inference(layer, x)
+    model = keras.Sequential([keras.Input((5,)), layer])
+    model.to("cpu").float()
+    layer.cpu()
+    with torch.no_grad():
+        out = model(torch.from_numpy(x))
+    np.testing.assert_allclose(out.numpy(), expected, atol=ATOL)
+
+
 def test_calls_after_in_place_updates_see_the_new_values():
     """Adam's in-place updates (fit), `assign` and a write through `.value` all reach the next
     eager call, whether or not the variable's memory is shared with its cached JAX view."""
