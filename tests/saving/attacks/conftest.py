@@ -3,10 +3,14 @@ load every crafted file of the session (attack_kit.py says how).
 
 Each test_attack_*.py file lists its attack class as `ATTACKS`; the children load the attacks of
 every such file collected in this session (all of them in a full run, one file's when pytest is
-given that file), once per session (once per xdist worker).
+given that file), once per session: under xdist the first worker to need them runs them and
+the others read its results (the children's runs are a minute of CPU).
 """
 
+import contextlib
+import fcntl
 import os
+import pickle
 
 import pytest
 
@@ -20,7 +24,7 @@ def saved(tmp_path_factory) -> Saved:
 
 
 @pytest.fixture(scope="session")
-def runs(request, saved, tmp_path_factory) -> dict:
+def runs(request, tmp_path_factory) -> dict:
     """The two children, run side by side, over the `ATTACKS` of every collected attack file."""
     here = os.path.dirname(os.path.abspath(__file__))
     modules = {
@@ -34,7 +38,35 @@ def runs(request, saved, tmp_path_factory) -> dict:
         for module in sorted(modules, key=lambda m: m.__name__)
         for attack in getattr(module, "ATTACKS", ())
     ]
-    return run_children(saved, attacks, tmp_path_factory)
+    with _once_per_session(tmp_path_factory, [a.name for a in attacks]) as cached:
+        if cached.value is None:
+            cached.value = run_children(request.getfixturevalue("saved"), attacks, tmp_path_factory)
+        return cached.value
+
+
+class _Cached:
+    value: dict | None = None
+
+
+@contextlib.contextmanager
+def _once_per_session(tmp_path_factory, names: list[str]):
+    """Under xdist, the result of this session's first run for these attack names, shared by
+    the workers through their session's temporary folder (a lock makes the others wait);
+    without xdist, nothing to share."""
+    cached = _Cached()
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        yield cached
+        return
+    shared = tmp_path_factory.getbasetemp().parent  # this session's, common to its workers
+    with open(shared / "attack_runs.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        store = shared / "attack_runs.pickle"
+        if store.exists():
+            stored = pickle.loads(store.read_bytes())
+            cached.value = stored["runs"] if stored["names"] == sorted(names) else None
+        yield cached
+        if not store.exists():
+            store.write_bytes(pickle.dumps({"names": sorted(names), "runs": cached.value}))
 
 
 @pytest.fixture(scope="session")
