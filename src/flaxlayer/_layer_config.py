@@ -82,7 +82,7 @@ def functions_config(layer: Any, trees: tuple[Any, Any] | None) -> dict:
         "init_fn": keras.saving.serialize_keras_object(layer.init_fn),
     }
     if trees is not None:
-        owner = f"{type(layer).__name__} {layer.name!r}"
+        owner = layer._owner_name()
         config["params"] = spec_to_config(trees[0], owner, "params")
         config["state"] = spec_to_config(trees[1], owner, "state")
     return config

@@ -163,7 +163,7 @@ class VariableFactory:
     @property
     def owner(self) -> str:
         """The layer, as messages name it: "FlaxLayer 'encoder'"."""
-        return f"{type(self.layer).__name__} {self.layer.name!r}"
+        return self.layer._owner_name()
 
     def create(
         self,
