@@ -19,8 +19,13 @@ from attack_kit import Saved, run_children, save_bases
 
 @pytest.fixture(scope="session")
 def saved(tmp_path_factory) -> Saved:
-    """Every base model saved once per backend, with its predictions on X."""
-    return save_bases(tmp_path_factory.mktemp("bases"))
+    """Every base model saved once per session, with its predictions on X: under xdist every
+    worker reads the same files, so the children's results (run by one worker) compare with
+    the predictions of the files they loaded."""
+    with _once_per_session(tmp_path_factory, "bases", []) as cached:
+        if cached.value is None:
+            cached.value = save_bases(_session_folder(tmp_path_factory, "bases"))
+        return cached.value
 
 
 @pytest.fixture(scope="session")
@@ -38,19 +43,28 @@ def runs(request, tmp_path_factory) -> dict:
         for module in sorted(modules, key=lambda m: m.__name__)
         for attack in getattr(module, "ATTACKS", ())
     ]
-    with _once_per_session(tmp_path_factory, [a.name for a in attacks]) as cached:
+    with _once_per_session(tmp_path_factory, "attack_runs", [a.name for a in attacks]) as cached:
         if cached.value is None:
             cached.value = run_children(request.getfixturevalue("saved"), attacks, tmp_path_factory)
         return cached.value
 
 
 class _Cached:
-    value: dict | None = None
+    value = None
+
+
+def _session_folder(tmp_path_factory, name: str):
+    """A folder every xdist worker of this session sees (this process's own without xdist)."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        return tmp_path_factory.mktemp(name)
+    folder = tmp_path_factory.getbasetemp().parent / name
+    folder.mkdir(exist_ok=True)
+    return folder
 
 
 @contextlib.contextmanager
-def _once_per_session(tmp_path_factory, names: list[str]):
-    """Under xdist, the result of this session's first run for these attack names, shared by
+def _once_per_session(tmp_path_factory, key: str, names: list[str]):
+    """Under xdist, the result of this session's first run of `key` for these names, shared by
     the workers through their session's temporary folder (a lock makes the others wait);
     without xdist, nothing to share."""
     cached = _Cached()
@@ -58,9 +72,9 @@ def _once_per_session(tmp_path_factory, names: list[str]):
         yield cached
         return
     shared = tmp_path_factory.getbasetemp().parent  # this session's, common to its workers
-    with open(shared / "attack_runs.lock", "w") as lock:
+    with open(shared / f"{key}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        store = shared / "attack_runs.pickle"
+        store = shared / f"{key}.pickle"
         if store.exists():
             stored = pickle.loads(store.read_bytes())
             cached.value = stored["runs"] if stored["names"] == sorted(names) else None
