@@ -199,8 +199,11 @@ def split_name(dotted: str) -> tuple[str, str]:
     return module_name, name
 
 
-def resolve_class(module_name: str, qualname: str, *, safe: bool) -> type:
-    """The class a file names, under the class rule; raises Refused."""
+def resolve_class(
+    module_name: str, qualname: str, *, safe: bool, what: str = "a Flax module class"
+) -> type:
+    """The class a file names, under the class rule; raises Refused (`what`: the kind of class
+    the position needs, for the message)."""
     if module_name not in sys.modules:
         if module_name == "__main__" or safe:
             raise Refused(
@@ -222,7 +225,7 @@ def resolve_class(module_name: str, qualname: str, *, safe: bool) -> type:
         )
     if not isinstance(cls, type):
         raise Refused(
-            f"{module_name}.{qualname} is not a Flax module class (not a class defined there); "
+            f"{module_name}.{qualname} is not {what} (not a class defined there); "
             "the file may have been tampered with."
         )
     if cls.__module__ != module_name or cls.__qualname__ != qualname:
@@ -231,6 +234,18 @@ def resolve_class(module_name: str, qualname: str, *, safe: bool) -> type:
             "name a class only by the module that defines it."
         )
     return cls
+
+
+def resolve_loaded_class(module_name: str, qualname: str, what: str) -> type:
+    """A config or enum class (`what`), read only from a module already imported: never
+    imported, whatever the safe mode; raises Refused."""
+    if module_name not in sys.modules:
+        raise Refused(
+            f"module {module_name!r} is not imported, and a loader never imports the module of "
+            f"{what} a file names, even with safe_mode=False. Import it first "
+            f"(`import {module_name}`)."
+        )
+    return resolve_class(module_name, qualname, safe=True, what=what)
 
 
 def _package(cls: type) -> str:

@@ -129,8 +129,9 @@ class Decoder:
                 f"may have {sorted(optional)}.",
             )
 
-    def _resolve(self, data: dict, path: tuple, safe: bool) -> type:
-        """The class an entry names, under `_trust.resolve_class`."""
+    def _resolve(self, data: dict, path: tuple, safe: bool, what: str = "") -> type:
+        """The class an entry names, under `_trust.resolve_class` (a config or enum class,
+        `what`, under `_trust.resolve_loaded_class`)."""
         ref = data["class"]
         if not (
             isinstance(ref, dict)
@@ -139,6 +140,8 @@ class Decoder:
         ):
             raise self.fail((*path, "class"), f"the class reference {ref!r} is malformed.")
         try:
+            if what:
+                return _trust.resolve_loaded_class(ref["module"], ref["qualname"], what)
             return _trust.resolve_class(ref["module"], ref["qualname"], safe=safe)
         except Refused as e:
             raise self.fail((*path, "class"), str(e)) from None
@@ -161,7 +164,7 @@ class Decoder:
         """The class of a config entry, read only from an imported module: the declared class,
         a subclass or a sibling of it (`_trust.are_siblings`), or, in a field declared loosely,
         a class beside a module class of yours the file builds (checked by `_check_beside`)."""
-        cls = self._resolve(data, path, safe=True)
+        cls = self._resolve(data, path, True, "a config class")
         expected = config_type(declared)
         name = f"{cls.__module__}.{cls.__qualname__}"
         if issubclass(cls, (*self.class_bases, *self.module_bases)):
@@ -185,7 +188,7 @@ class Decoder:
     def enum_class(self, data: dict, path: tuple, declared: Any) -> type:
         """The class of an enum entry, read only from an imported module: an Enum class the
         field's annotation names, or one beside a module class of yours the file builds."""
-        cls = self._resolve(data, path, safe=True)
+        cls = self._resolve(data, path, True, "an enum class")
         if not issubclass(cls, enum.Enum):
             raise self.fail(
                 (*path, "class"),
