@@ -1,6 +1,7 @@
 """Adapter for JaxLayer: user-written `call_fn` / `init_fn` (plain JAX, Haiku, ...)."""
 
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -53,6 +54,7 @@ class FunctionAdapter(Adapter):
     def _init_call(self, rng, inputs):
         # As keras.layers.JaxLayer does, and as Haiku's BatchNorm needs to create its averages.
         init_fn, binding = self._init_with()
+        inputs = self._init_inputs(inputs, binding)
         args, kwargs = binding.arguments({"rng": rng, "inputs": inputs, "training": True})
         result = init_fn(*args, **kwargs)
         if not self.uses_state:
@@ -65,6 +67,17 @@ class FunctionAdapter(Adapter):
             )
         return result
 
+    def _init_inputs(self, inputs: Any, binding: Binding) -> Any:
+        """What `init_fn` gets of a dict that `call_fn` takes by name: the entries it names
+        too, its inputs argument getting the call's inputs entry unless the dict names it."""
+        call = self.call_binding
+        if binding.spreads(inputs) or not call.spreads(inputs):
+            return inputs
+        name = binding.names["inputs"]
+        kept = {k: v for k, v in inputs.items() if k in binding.by_name}
+        kept.setdefault(name, inputs[call.names["inputs"]])
+        return kept if binding.spreads(kept) else kept[name]
+
     def _init_with(self) -> tuple[Callable, Binding]:
         """`init_fn` and how it is called (only asked for when the layer has an `init_fn`)."""
         if self.init_fn is None or self.init_binding is None:
@@ -76,6 +89,7 @@ class FunctionAdapter(Adapter):
         return f"call_fn {name}" if name else ""
 
     def plan(self, inputs):
+        self.call_binding.check(inputs)  # at build, not inside Keras's call
         trees = None if self.init_fn is None else jax.eval_shape(self._init_call, SPEC_KEY, inputs)
         return Plan(trees=trees, needs_rng=(self.uses_rng, self.uses_rng))
 

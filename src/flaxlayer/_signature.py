@@ -59,6 +59,11 @@ class Binding:
             and all(isinstance(k, str) and k in self.by_name for k in inputs)
         )
 
+    def check(self, inputs: Any) -> None:
+        """Raises the error a call on `inputs` would raise for a parameter left unfilled."""
+        if self.unfilled:
+            self.arguments({role: None for role in self.roles} | {"inputs": inputs})
+
     def arguments(self, values: dict[str, Any]) -> tuple[tuple, dict]:
         """The (args, kwargs) for the function; `values` maps roles to values ("training")."""
         if "deterministic" in self.roles:

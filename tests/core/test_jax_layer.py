@@ -271,6 +271,18 @@ def test_call_fn_argument_no_rule_fills_raises_at_the_call_with_both_fixes():
     assert "{'inputs': ..., 'mode': ...}" in message
 
 
+def test_init_fn_gets_the_inputs_entry_of_a_dict_the_call_takes_by_name():
+    def scaled_call(params, inputs, scale):
+        return inputs @ params["w"] * scale
+
+    def scaled_init(rng, inputs):  # sized by the inputs array, not the dict
+        return {"w": jnp.ones((inputs.shape[-1], 2))}
+
+    x, scale = np.ones((4, 3), "float32"), np.full((4, 1), 2.0, "float32")
+    out = to_numpy(JaxLayer(scaled_call, scaled_init)({"inputs": x, "scale": scale}))
+    np.testing.assert_allclose(out, np.full((4, 2), 6.0))
+
+
 def test_init_fn_argument_no_rule_fills_raises_at_the_build():
     def my_init(key, inputs):
         return {}
