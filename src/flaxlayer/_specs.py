@@ -37,6 +37,8 @@ def leaf_dtype(dtype: Any, float_dtype: str) -> Any:
 
 def spec_of(inputs: Any, float_dtype: str) -> Any:
     def leaf(x):
+        if x is None:  # an argument passed as None in a dict of inputs (`head_mask`)
+            return None
         return Leaf(
             tuple(np.shape(x)) if not hasattr(x, "shape") else tuple(x.shape),
             leaf_dtype(getattr(x, "dtype", None), float_dtype),

@@ -87,3 +87,15 @@ def test_a_dict_missing_a_required_parameter_says_which_key_to_add():
     assert "FlaxLayer 'encoder'" in message
     assert "it also needs 'attention_mask'" in message
     assert "{'input_ids': ..., 'attention_mask': ...}" in message
+
+
+def test_a_none_in_the_dict_reaches_its_parameter_in_calls_models_and_files(tmp_path):
+    layer = FlaxLayer(dm.HeadMasked())
+    out = to_numpy(layer({"input_ids": IDS, "head_mask": None}))
+    expected = dm.HeadMasked().apply(layer.flax_variables, IDS, None)
+    np.testing.assert_allclose(out, np.asarray(expected), atol=1e-6)
+    ids = keras.Input((4,), dtype="int32", name="input_ids")
+    model = keras.Model(ids, FlaxLayer(dm.HeadMasked())({"input_ids": ids, "head_mask": None}))
+    predicted = model.predict(IDS, verbose=0)
+    loaded = save_load(model, tmp_path)
+    np.testing.assert_allclose(loaded.predict(IDS, verbose=0), predicted, atol=1e-6)

@@ -76,3 +76,12 @@ class StructOutputs(nn.Module):
         return EncoderOutput(
             last_hidden_state=hidden, pooled=Heads(logits=nn.Dense(2)(hidden)), attentions=None
         )
+
+
+class HeadMasked(nn.Module):
+    """A required `head_mask` that may be None, as BigBird's and RoFormer's encoders take it."""
+
+    @nn.compact
+    def __call__(self, input_ids, head_mask):
+        x = nn.Embed(VOCAB, WIDTH)(input_ids).mean(axis=1)
+        return nn.Dense(3)(x if head_mask is None else x * head_mask)
