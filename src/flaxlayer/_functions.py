@@ -32,9 +32,19 @@ class FunctionAdapter(Adapter):
         if init_fn is not None and not callable(init_fn):
             raise TypeError(f"{owner}: init_fn must be callable or None; got {init_fn!r}.")
         self.call_fn, self.init_fn = call_fn, init_fn
-        self.call_binding = bind(call_fn, owner=owner, role="call_fn", roles=CALL_ROLES)
+        # As keras.layers.JaxLayer: an argument no role fills is an error here.
+        self.call_binding = bind(
+            call_fn, owner=owner, role="call_fn", roles=CALL_ROLES, dict_fills_required=False
+        )
         self.init_binding = (
-            bind(init_fn, owner=owner, role="init_fn", roles=INIT_ROLES, reserved=CALL_ROLES)
+            bind(
+                init_fn,
+                owner=owner,
+                role="init_fn",
+                roles=INIT_ROLES,
+                reserved=CALL_ROLES,
+                dict_fills_required=False,
+            )
             if init_fn is not None
             else None
         )
@@ -89,7 +99,6 @@ class FunctionAdapter(Adapter):
         return f"call_fn {name}" if name else ""
 
     def plan(self, inputs):
-        self.call_binding.check(inputs)  # at build, not inside Keras's call
         trees = None if self.init_fn is None else jax.eval_shape(self._init_call, SPEC_KEY, inputs)
         return Plan(trees=trees, needs_rng=(self.uses_rng, self.uses_rng))
 

@@ -59,11 +59,6 @@ class Binding:
             and all(isinstance(k, str) and k in self.by_name for k in inputs)
         )
 
-    def check(self, inputs: Any) -> None:
-        """Raises the error a call on `inputs` would raise for a parameter left unfilled."""
-        if self.unfilled:
-            self.arguments({role: None for role in self.roles} | {"inputs": inputs})
-
     def arguments(self, values: dict[str, Any]) -> tuple[tuple, dict]:
         """The (args, kwargs) for the function; `values` maps roles to values ("training")."""
         if "deterministic" in self.roles:
@@ -112,6 +107,7 @@ def bind(
     roles: Iterable[str] = (),
     skip_first: bool = False,
     reserved: Iterable[str] = (),
+    dict_fills_required: bool = True,
     wrapper_hint: Callable[[list[str], "Binding | None"], str] | None = None,
 ) -> Binding:
     """Reads `fn`'s parameters under the rule above; raises ValueError naming what is wrong.
@@ -120,8 +116,10 @@ def bind(
     "call_fn"); both appear in every error. `roles` are the names bound by name (JaxLayer's
     `params`, `state`, `rng`); "inputs" is always one. With `skip_first`, the first parameter
     (the module) is not considered. `reserved` names no dict of inputs may fill (another
-    function's roles). `wrapper_hint(required, binding)` writes the fix shown when a required
-    parameter cannot be filled.
+    function's roles). Without `dict_fills_required` (JaxLayer's functions, whose contract is
+    keras.layers.JaxLayer's) a required parameter no role fills is an error here, and a dict
+    fills only parameters with defaults. `wrapper_hint(required, binding)` writes the fix
+    shown when a required parameter cannot be filled.
     """
     roles = (*roles, "inputs")
     parameters = parameters_of(fn, owner=owner, role=role)[1 if skip_first else 0 :]
@@ -141,9 +139,9 @@ def bind(
         if wrapper_hint
         else f", or rename it to the value it should receive ({by_name})."
     )
-    message = _unfilled_message(fn, owner, role, reading, by_name, hint)
+    message = _unfilled_message(fn, owner, role, reading, by_name, hint, dict_fills_required)
     named = reading.by_name(parameters)
-    if not set(reading.unfilled) <= named:  # positional-only: no dict can fill it
+    if not dict_fills_required or not set(reading.unfilled) <= named:  # positional-only
         raise ValueError(message)
     return dataclasses.replace(
         binding, by_name=named, unfilled=tuple(reading.unfilled), unfilled_error=message
@@ -226,12 +224,13 @@ def _no_inputs_error(
 
 
 def _unfilled_message(
-    fn: Callable, owner: str, role: str, reading: _Reading, by_name: str, hint: str
+    fn: Callable, owner: str, role: str, reading: _Reading, by_name: str, hint: str, at_call: bool
 ) -> str:
     shown = ", ".join(f"`{n}`" for n in reading.unfilled)
     return (
         f"{owner}: `{role}` {describe(fn)!r} takes the required argument(s) {shown}, "
-        "which the layer cannot fill from these inputs. It passes the inputs to "
+        f"which the layer cannot fill{' from these inputs' if at_call else ''}. It passes the "
+        "inputs to "
         f"`{reading.names['inputs']}`"
         + (f", {by_name} by name" if by_name else "")
         + ", the training flag to `training`, `train` or `is_training` and its negation to "
