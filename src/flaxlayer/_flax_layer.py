@@ -44,10 +44,10 @@ class FlaxLayer(JaxLayer):
     Args:
         module: A `flax.linen.Module` or a `flax.nnx.Module` instance.
         method: The method to call; see above.
-        variables: The variables `module.init` returns (Linen; e.g. trained ones) or an
-            `nnx.State` (NNX), used instead of initializing at build time. Checked by applying
-            the module to them abstractly, so a decode cache initialised for the full length
-            is accepted.
+        variables: The variables `module.init` returns (Linen; e.g. trained ones), or the
+            params tree alone (Hugging Face's `model.params`), or an `nnx.State` (NNX), used
+            instead of initializing at build time. Checked by applying the module to them
+            abstractly, so a decode cache initialised for the full length is accepted.
         **kwargs: Keras layer arguments (`name`, `dtype`, `trainable`, ...), `seed` and
             `native_serialization_platforms` (see `JaxLayer`).
 

@@ -33,7 +33,7 @@ class FunctionAdapter(Adapter):
         self.call_fn, self.init_fn = call_fn, init_fn
         self.call_binding = bind(call_fn, owner=owner, role="call_fn", roles=CALL_ROLES)
         self.init_binding = (
-            bind(init_fn, owner=owner, role="init_fn", roles=INIT_ROLES)
+            bind(init_fn, owner=owner, role="init_fn", roles=INIT_ROLES, reserved=CALL_ROLES)
             if init_fn is not None
             else None
         )

@@ -215,6 +215,9 @@ class LinenAdapter(ModuleAdapter):
         variables = meta.unbox(dict(initial))
         exp_params, exp_state = plan.trees
         expected_all = {**exp_params, **exp_state}
+        if "params" in exp_params and variables and not set(variables) & set(expected_all):
+            # The params tree alone, as Hugging Face's `model.params` holds it.
+            variables = {"params": variables}
         sown = [c for c in variables if c not in expected_all and c in SOWN_BY_CONVENTION]
         for c in sown:
             variables.pop(c)

@@ -16,6 +16,7 @@ from flax.core import partial_eval
 from flaxlayer import _compat
 from flaxlayer._adapter import NEVER, SPEC_KEY, Adapter, PerMode, Plan
 from flaxlayer._bridges import compile_for_backend, outside_compiled_graphs
+from flaxlayer._outputs import plain_outputs
 from flaxlayer._specs import PROBE_SIZES, has_unknown, merge_probes, structs
 from flaxlayer._transforms import module_params
 from flaxlayer._variables import TreeLayout, is_float_dtype
@@ -67,11 +68,11 @@ def make_pure(
 ) -> Callable:
     """The layer as one pure function of flat variable lists.
 
-    `pure(params, state, rng, inputs, training, written=None)` returns (outputs, new state
-    leaves, summed sown losses): the new state leaves at the indices `written`, or all of
-    them with `written=None`. `param_map` turns the stored params into the module's (the
-    parameter transforms: LoRA, int8). `rng` may be None in a mode where the module takes a
-    key it does not use (`call_effects` tells): it then gets a constant one.
+    `pure(params, state, rng, inputs, training, written=None)` returns (outputs as Keras takes
+    them, new state leaves, summed sown losses): the new state leaves at the indices
+    `written`, or all of them with `written=None`. `param_map` turns the stored params into
+    the module's (the parameter transforms: LoRA, int8). `rng` may be None in a mode where the
+    module takes a key it does not use (`call_effects` tells): it then gets a constant one.
     """
 
     def pure(params, state, rng, inputs, training, written=None):
@@ -95,7 +96,7 @@ def make_pure(
             )
         if written is not None:
             leaves = [leaves[i] for i in written]
-        return outputs, leaves, loss
+        return plain_outputs(outputs), leaves, loss
 
     return pure
 

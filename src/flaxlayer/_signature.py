@@ -10,7 +10,7 @@ defaults keep them. A further required parameter cannot be filled and is an erro
 
 import dataclasses
 import inspect
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 #: Parameter names that receive the training flag, and whether they receive its negation.
@@ -30,11 +30,17 @@ class Binding:
 
     `positional` and `keyword` hold roles: a name from `roles`, "inputs", "training" or
     "deterministic" (the negated flag). `names` maps each role to the parameter that takes it.
+    `by_name` are the parameters a dict of inputs may fill (the inputs parameter among them);
+    `unfilled` the required ones only such a dict can fill, and `unfilled_error` what a call
+    that leaves them empty is told.
     """
 
     positional: tuple[str, ...]
     keyword: tuple[tuple[str, str], ...]
     names: dict[str, str]
+    by_name: frozenset[str] = frozenset()
+    unfilled: tuple[str, ...] = ()
+    unfilled_error: str = ""
 
     @property
     def roles(self) -> frozenset[str]:
@@ -44,14 +50,43 @@ class Binding:
     def takes_training(self) -> bool:
         return bool(self.roles & {"training", "deterministic"})
 
+    def spreads(self, inputs: Any) -> bool:
+        """Whether `inputs` is a dict that binds by name (the rule above)."""
+        return (
+            isinstance(inputs, Mapping)
+            and len(self.by_name) > 1
+            and self.names["inputs"] in inputs
+            and all(isinstance(k, str) and k in self.by_name for k in inputs)
+        )
+
     def arguments(self, values: dict[str, Any]) -> tuple[tuple, dict]:
         """The (args, kwargs) for the function; `values` maps roles to values ("training")."""
         if "deterministic" in self.roles:
             values = {**values, "deterministic": not values["training"]}
+        named: dict[str, Any] = {}
+        inputs = values["inputs"]
+        spread = self.spreads(inputs)
+        if spread:
+            named = {k: v for k, v in inputs.items() if k != self.names["inputs"]}
+            values = {**values, "inputs": inputs[self.names["inputs"]]}
+        missing = [name for name in self.unfilled if name not in named]
+        if missing:
+            raise ValueError(self._missing_message(missing, inputs, spread))
         return (
             tuple(values[role] for role in self.positional),
-            {name: values[role] for name, role in self.keyword},
+            {**{name: values[role] for name, role in self.keyword}, **named},
         )
+
+    def _missing_message(self, missing: list[str], inputs: Any, spread: bool) -> str:
+        names = (self.names["inputs"], *self.unfilled)
+        wanted = "{" + ", ".join(f"{n!r}: ..." for n in names) + "}"
+        if spread:
+            given = ", ".join(repr(k) for k in inputs)
+            return (
+                f"{self.unfilled_error}\nThe inputs are a dict with the keys {given}; it also "
+                f"needs {', '.join(repr(n) for n in missing)}: call the layer with {wanted}."
+            )
+        return f"{self.unfilled_error}\nOr call the layer with a dict that names them: {wanted}."
 
 
 def parameters_of(fn: Callable, *, owner: str, role: str) -> list[inspect.Parameter]:
@@ -71,6 +106,7 @@ def bind(
     role: str,
     roles: Iterable[str] = (),
     skip_first: bool = False,
+    reserved: Iterable[str] = (),
     wrapper_hint: Callable[[list[str], "Binding | None"], str] | None = None,
 ) -> Binding:
     """Reads `fn`'s parameters under the rule above; raises ValueError naming what is wrong.
@@ -78,26 +114,35 @@ def bind(
     `owner` names the layer and `role` the layer argument the function came from ("method",
     "call_fn"); both appear in every error. `roles` are the names bound by name (JaxLayer's
     `params`, `state`, `rng`); "inputs" is always one. With `skip_first`, the first parameter
-    (the module) is not considered. `wrapper_hint(required, binding)` writes the fix shown when
-    a required parameter cannot be filled.
+    (the module) is not considered. `reserved` names no dict of inputs may fill (another
+    function's roles). `wrapper_hint(required, binding)` writes the fix shown when a required
+    parameter cannot be filled.
     """
     roles = (*roles, "inputs")
     parameters = parameters_of(fn, owner=owner, role=role)[1 if skip_first else 0 :]
-    reading = _Reading(roles, named_inputs=any(p.name == "inputs" for p in parameters))
+    reading = _Reading(
+        roles, frozenset(reserved), named_inputs=any(p.name == "inputs" for p in parameters)
+    )
     for p in parameters:
         reading.take(p)
     binding = Binding(tuple(reading.positional), tuple(reading.keyword), reading.names)
     if "inputs" not in reading.names:
         raise _no_inputs_error(fn, owner, role, parameters, skip_first)
-    if reading.unfilled:
-        by_name = ", ".join(f"`{r}`" for r in roles[:-1])
-        hint = (
-            wrapper_hint(reading.unfilled, binding)
-            if wrapper_hint
-            else f", or rename it to the value it should receive ({by_name})."
-        )
-        raise _unfilled_error(fn, owner, role, reading, by_name, hint)
-    return binding
+    if not reading.unfilled:
+        return dataclasses.replace(binding, by_name=reading.by_name(parameters))
+    by_name = ", ".join(f"`{r}`" for r in roles[:-1])
+    hint = (
+        wrapper_hint(reading.unfilled, binding)
+        if wrapper_hint
+        else f", or rename it to the value it should receive ({by_name})."
+    )
+    message = _unfilled_message(fn, owner, role, reading, by_name, hint)
+    named = reading.by_name(parameters)
+    if not set(reading.unfilled) <= named:  # positional-only: no dict can fill it
+        raise ValueError(message)
+    return dataclasses.replace(
+        binding, by_name=named, unfilled=tuple(reading.unfilled), unfilled_error=message
+    )
 
 
 @dataclasses.dataclass
@@ -105,6 +150,7 @@ class _Reading:
     """What `bind` has read of a function's parameters so far, one parameter at a time."""
 
     roles: tuple[str, ...]
+    reserved: frozenset[str]
     named_inputs: bool  # a parameter is called `inputs`: no other one takes them by position
     positional: list[str] = dataclasses.field(default_factory=list)
     keyword: list[tuple[str, str]] = dataclasses.field(default_factory=list)
@@ -136,6 +182,19 @@ class _Reading:
         else:
             self.keyword.append((p.name, given))
 
+    def by_name(self, parameters: list[inspect.Parameter]) -> frozenset[str]:
+        """The parameters a dict of inputs may fill: the inputs parameter and every one that
+        takes no role, by keyword."""
+        taken = {name for role, name in self.names.items() if role != "inputs"}
+        return frozenset(
+            p.name
+            for p in parameters
+            if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+            and p.name not in taken
+            and p.name not in TRAINING_FLAGS
+            and p.name not in self.reserved
+        )
+
     def role_of(self, p: inspect.Parameter) -> str | None:
         """The role `p` would take by its name or position, or None."""
         if p.name in self.roles:
@@ -161,13 +220,14 @@ def _no_inputs_error(
     )
 
 
-def _unfilled_error(
+def _unfilled_message(
     fn: Callable, owner: str, role: str, reading: _Reading, by_name: str, hint: str
-) -> ValueError:
+) -> str:
     shown = ", ".join(f"`{n}`" for n in reading.unfilled)
-    return ValueError(
+    return (
         f"{owner}: `{role}` {describe(fn)!r} takes the required argument(s) {shown}, "
-        f"which the layer cannot fill. It passes the inputs to `{reading.names['inputs']}`"
+        "which the layer cannot fill from these inputs. It passes the inputs to "
+        f"`{reading.names['inputs']}`"
         + (f", {by_name} by name" if by_name else "")
         + ", the training flag to `training`, `train` or `is_training` and its negation to "
         f"`deterministic`; any other argument needs a default. Give {shown} a default" + hint

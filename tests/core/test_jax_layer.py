@@ -256,25 +256,28 @@ def test_call_fn_drawing_rng_trains_with_fit():
 # ------------------------------------------------------------------------------- errors
 
 
-def test_wrong_call_fn_argument_name():
+def test_call_fn_argument_no_rule_fills_raises_at_the_call_with_both_fixes():
     def my_call(params, inputs, mode):
         return inputs
 
+    layer = JaxLayer(my_call, params={"w": np.zeros(2)}, name="bad_call")
     with pytest.raises(ValueError) as info:
-        JaxLayer(my_call, params={"w": np.zeros(2)}, name="bad_call")
+        layer(np.zeros((2, 2), "float32"))
     message = str(info.value)
     assert "my_call" in message
-    assert "mode" in message
+    assert "`mode`" in message
     assert "call_fn" in message
     assert "bad_call" in message
+    assert "{'inputs': ..., 'mode': ...}" in message
 
 
-def test_wrong_init_fn_argument_name():
+def test_init_fn_argument_no_rule_fills_raises_at_the_build():
     def my_init(key, inputs):
         return {}
 
+    layer = JaxLayer(mlp_call, my_init)
     with pytest.raises(ValueError) as info:
-        JaxLayer(mlp_call, my_init)
+        layer(np.zeros((2, 3), "float32"))
     message = str(info.value)
     assert "my_init" in message
     assert "key" in message
@@ -307,12 +310,14 @@ def test_call_fn_must_take_inputs_even_if_names_valid():
         JaxLayer(call_fn, params={"w": np.zeros(2)})
 
 
-def test_required_unknown_argument_rejected():
+def test_required_unknown_argument_rejected_at_the_call_unless_a_dict_fills_it():
     def call_fn(inputs, mode):
-        return inputs
+        return inputs * mode
 
+    x = np.ones((2, 2), "float32")
     with pytest.raises(ValueError, match=r"`call_fn`.*`mode`"):
-        JaxLayer(call_fn)
+        JaxLayer(call_fn)(x)
+    np.testing.assert_allclose(to_numpy(JaxLayer(call_fn)({"inputs": x, "mode": 3 * x})), 3 * x)
 
 
 @pytest.mark.parametrize("missing", ["params", "state"])

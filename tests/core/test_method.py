@@ -47,16 +47,22 @@ def test_method_function_inputs_argument_may_have_any_name(kind):
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("how", ["name", "bound", "function"])
-def test_method_with_an_extra_argument_raises_at_construction(kind, how):
-    module = KINDS[kind]()
-
+def test_method_with_an_extra_argument_raises_at_the_call_unless_a_dict_fills_it(kind, how):
     def with_scale(module, inputs, training, scale):
-        return module.encode(inputs) * scale
+        return module.takes_extra(inputs, scale)
 
-    method = {"name": "takes_extra", "bound": module.takes_extra, "function": with_scale}[how]
+    def layer_of(module, **kwargs):
+        method = {"name": "takes_extra", "bound": module.takes_extra, "function": with_scale}
+        return FlaxLayer(module, method=method[how], **kwargs)
+
+    layer = layer_of(KINDS[kind](), name="my_layer")
     with pytest.raises(ValueError, match="`scale`") as info:
-        FlaxLayer(module, method=method, name="my_layer")
+        layer(X)
     assert "FlaxLayer 'my_layer'" in str(info.value)
+    scale = np.full((2, 1), 3.0, "float32")
+    named = layer_of(KINDS[kind]())
+    out = to_numpy(named({"inputs": X, "scale": scale}))
+    np.testing.assert_allclose(out, 3.0 * to_numpy(named({"inputs": X, "scale": scale / 3})))
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -120,15 +126,17 @@ def test_call_with_x_and_train_arguments():
     np.testing.assert_allclose(training - inference, np.ones((2, 2)), atol=1e-6)
 
 
-def test_method_with_an_unfillable_argument_raises_with_the_wrapper_to_write():
+def test_method_argument_no_rule_fills_raises_at_the_call_with_the_wrapper_and_dict():
     class Masked(nn.Module):
         @nn.compact
         def __call__(self, x, mask, deterministic=True):
             return nn.Dense(2)(x) * mask
 
+    layer = FlaxLayer(Masked(), name="masked")  # a dict of inputs could fill `mask`
     with pytest.raises(ValueError, match="`mask`") as info:
-        FlaxLayer(Masked(), name="masked")
+        layer(np.ones((2, 3), "float32"))
     message = str(info.value)
+    assert "call the layer with a dict that names them: {'x': ..., 'mask': ...}" in message
     assert "masked" in message
     assert "def call_masked(module, inputs, training=False):" in message
     assert "x, mask = inputs" in message

@@ -55,6 +55,21 @@ def test_given_variables_used_as_given():
     )
 
 
+def test_the_params_tree_alone_is_taken_as_the_params_collection():
+    # As Hugging Face's `model.params` holds it: no top-level "params" key.
+    module = MLP()
+    given = _mlp_vars()
+    bare = {"Dense_0": given["params"]["Dense_0"], "Dense_1": given["params"]["Dense_1"]}
+    without_stats = nn.Dense(4)
+    dense_given = without_stats.init(jax.random.key(3), jnp.ones((1, 3)))
+    layer = FlaxLayer(without_stats, variables=dense_given["params"])
+    np.testing.assert_allclose(
+        to_numpy(layer(X)), np.asarray(without_stats.apply(dense_given, X)), rtol=1e-6
+    )
+    with pytest.raises(ValueError, match="batch_stats/BatchNorm_0/mean"):
+        FlaxLayer(module, variables=bare)(X)  # state the module needs is still checked
+
+
 def test_given_variables_with_state_used_as_given():
     module = BatchNormModule()
     given = module.init(jax.random.key(1), jnp.ones((1, 3)), training=False)
