@@ -751,6 +751,8 @@ def save(run: Run, folder, name: str) -> dict:
     import os
 
     path = os.path.join(folder, f"{name}.keras")
+    # The loading process imports the model class as its user does (`from transformers import
+    # FlaxBertModel`): safe loading reads classes only from imported modules.
     run.model.save(path)
     data = os.path.join(folder, f"{name}.npz")
     flat = flatten(to_plain(run.pred))
@@ -759,7 +761,7 @@ def save(run: Run, folder, name: str) -> dict:
         **{f"x:{k}": v for k, v in run.x.items()},
         **{f"y:{k}": v for k, v in flat.items()},
     )
-    return {"keras": path, "data": data}
+    return {"keras": path, "data": data, "import": type(run.hf_model).__name__}
 
 
 def load_all_source(files: dict[str, dict], clip_workaround: bool) -> str:
@@ -775,7 +777,7 @@ def load_all_source(files: dict[str, dict], clip_workaround: bool) -> str:
         "import os, traceback, types\n"
         'os.environ["XLA_FLAGS"] = "--xla_backend_optimization_level=0"\n'
         "import numpy as np\nimport keras\nimport flaxlayer  # noqa: F401\n"
-        "import transformers  # noqa: F401\n"
+        "import transformers\n"
         f"{workaround}\n"
         + ("t5_clip_workaround()\n" if clip_workaround else "")
         + f"FILES = {files!r}\n"
@@ -796,6 +798,7 @@ def load_all_source(files: dict[str, dict], clip_workaround: bool) -> str:
             results = {}
             for name, paths in FILES.items():
                 try:
+                    getattr(transformers, paths["import"])
                     model = keras.saving.load_model(paths["keras"])
                     data = np.load(paths["data"])
                     x = {k[2:]: data[k] for k in data.files if k.startswith("x:")}
