@@ -114,6 +114,12 @@ class ModuleAdapter(Adapter):
     def export(self, params: Any, state: Any) -> Mapping[str, Any]:
         """The values as Flax holds them: the dict `module.init` returns, or an `nnx.State`."""
 
+    def given_entry(self, params: Any, state: Any) -> Any:
+        """The `variables=` a file restores for these (params, state) trees of shapes, where
+        the module's own init would not make them; None where the module holds its own
+        values (NNX)."""
+        return None
+
 
 def shape_mismatches(expected: Any, given: Any, *, prefix: tuple[str, ...] = ()) -> list[str]:
     """Describes every path where `given` differs from `expected` in presence or shape."""

@@ -85,7 +85,7 @@ def start(
         layouts = plan_layouts(adapter, plan, owner)
         build = BuildInputs(plan, inputs, given, seed, layouts)
         if from_file:
-            trees = given if given is not None else plan.trees
+            trees = adapter.given(given, plan, inputs) if given is not None else plan.trees
             return build, abstract(trees if trees is not None else ({}, {}))
         return build.without_initial(), initial_trees(adapter, build)
 

@@ -4,7 +4,7 @@ from typing import Any
 
 import keras
 
-from flaxlayer import _compat
+from flaxlayer import _compat, _layer_config
 from flaxlayer._adapter import ModuleAdapter
 from flaxlayer._jax_layer import JaxLayer
 from flaxlayer._linen import LinenAdapter
@@ -105,7 +105,8 @@ class FlaxLayer(JaxLayer):
         return adapter
 
     def _model_config(self) -> dict:
-        """The module, read from its dataclass fields, and the method.
+        """The module, read from its dataclass fields, and the method; the shapes of the
+        variables given where they are not what an init on the call's inputs makes.
 
         Raises `SerializationError` naming the module class and field for a value no loader
         could rebuild (a lambda, a closure, an arbitrary object, a function a loader would not
@@ -118,6 +119,10 @@ class FlaxLayer(JaxLayer):
             "method": _method_to_config(self._module_adapter().method, encoder, type(module)),
         }
         encoder.finish()
+        build = self._build_inputs
+        planned = build.plan.trees if build is not None else None
+        adapter, owner = self._module_adapter(), self._owner_name()
+        config.update(_layer_config.given_variables_config(adapter, self._store, planned, owner))
         return config
 
     @classmethod
@@ -130,6 +135,7 @@ class FlaxLayer(JaxLayer):
         decoder = Decoder(owner, CODECS)
         module = decoder.decode_module(config.pop("module"))
         method = _method_from_config(config.pop("method", None), module, decoder)
+        config = _layer_config.given_variables_from_config(config, owner)
         return {**config, "module": module, "method": method}
 
 

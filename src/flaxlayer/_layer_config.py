@@ -17,7 +17,7 @@ import numpy as np
 
 from flaxlayer._saving import SerializationError
 from flaxlayer._specs import Leaf, dtype_name, spec_from_config, spec_to_config
-from flaxlayer._variables import is_float_dtype
+from flaxlayer._variables import flatten_with_paths, is_float_dtype
 
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
 
@@ -95,7 +95,12 @@ def functions_from_config(config: dict, owner: str) -> dict:
     for name in ("call_fn", "init_fn"):
         if config.get(name) is not None:
             config[name] = keras.saving.deserialize_keras_object(config[name])
-    for name in ("params", "state"):
+    return _abstract_entries(config, owner, ("params", "state"))
+
+
+def _abstract_entries(config: dict, owner: str, names: tuple[str, ...]) -> dict:
+    """`config` with the shape entries `names` read as abstract trees (ShapeDtypeStructs)."""
+    for name in names:
         if config.get(name) is not None:
             config[name] = jax.tree.map(
                 lambda leaf: jax.ShapeDtypeStruct(tuple(leaf.shape), leaf.dtype),
@@ -103,6 +108,30 @@ def functions_from_config(config: dict, owner: str) -> dict:
                 is_leaf=lambda x: isinstance(x, Leaf),
             )
     return config
+
+
+def given_variables_config(adapter: Any, store: Any, planned: Any, owner: str) -> dict:
+    """`{"variables": shapes}` where the built variables' shapes are not what an init on the
+    call's inputs makes (a decode cache given for the full length, called one token at a
+    time): a layer loaded from the file is built to them; `{}` otherwise."""
+    if store is None or planned is None:
+        return {}
+    shapes = store.shapes()
+    if _shape_table(shapes) == _shape_table(planned):
+        return {}
+    entry = adapter.given_entry(*shapes)
+    return {} if entry is None else {"variables": spec_to_config(entry, owner, "variables")}
+
+
+def given_variables_from_config(config: dict, owner: str) -> dict:
+    """`config` with its `variables` shapes, if any, as abstract trees: nothing they size
+    is allocated before the weights file confirms them."""
+    return _abstract_entries(dict(config), owner, ("variables",))
+
+
+def _shape_table(trees: Any) -> dict:
+    leaves, paths, _ = flatten_with_paths(trees)
+    return {path: tuple(leaf.shape) for path, leaf in zip(paths, leaves, strict=True)}
 
 
 def given_shapes(given: tuple[Any, Any] | None) -> tuple[Any, Any]:

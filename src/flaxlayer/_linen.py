@@ -291,6 +291,9 @@ class LinenAdapter(ModuleAdapter):
     def module_object(self, values) -> nn.Module:
         return self.module
 
+    def given_entry(self, params: dict, state: dict) -> dict:
+        return {**params, **state}
+
     def export(self, params: dict, state: dict) -> dict:
         """The variables dict `module.init` returns, boxed again where init returned boxes."""
         values = {**params, **state}

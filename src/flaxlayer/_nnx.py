@@ -257,7 +257,7 @@ class NNXCodec(KindCodec):
             for i, v in enumerate(data):
                 self._check_plain(v, (*path, i), depth + 1)
             return
-        if not isinstance(data, dict) or data.get(TAG) in ("float", "dtype"):
+        if not isinstance(data, dict) or data.get(TAG) in ("float", "dtype", "enum"):
             self.coder.check(data, path, depth, None)
             return
         for i, pair in enumerate(self._plain_pairs(data, path)):

@@ -7,11 +7,22 @@
   (`NUMERICAL_FUNCTIONS`), registered with Keras or passed in `custom_objects`, or a top-level
   function of the module that defines a user class the file instantiates.
 - An **initializer factory** is called only if it is one of `INITIALIZER_FACTORIES`.
+- A **config class** is the class the field declares or a subclass; or its *sibling*
+  (`are_siblings`): both defined in one top-level package, the value's class a subclass of
+  every direct base of the declared class, each such base (never `object`) defined in that
+  package too; or, in a field declared loosely (`object`, `Any`, no type), a class defined in
+  the Python module of a Flax module class of yours that the file builds. Config and enum
+  classes are read only from modules already imported, even with `safe_mode=False`.
+- An **enum member** is looked up by name among its class's members (`enum_member`), the class
+  named by the field's annotation (anywhere in it: `E | None`, `tuple[E, ...]`,
+  `Sequence[E]`) or defined in the Python module of a Flax module class of yours the file
+  builds; nothing the file names is called.
 - A **dtype** is accepted only by the name of a numeric or bool type.
 
 Nothing here imports a module a file names, runs an attribute hook, or calls what it finds.
 """
 
+import enum
 import importlib
 import inspect
 import re
@@ -188,8 +199,11 @@ def split_name(dotted: str) -> tuple[str, str]:
     return module_name, name
 
 
-def resolve_class(module_name: str, qualname: str, *, safe: bool) -> type:
-    """The class a file names, under the class rule; raises Refused."""
+def resolve_class(
+    module_name: str, qualname: str, *, safe: bool, what: str = "a Flax module class"
+) -> type:
+    """The class a file names, under the class rule; raises Refused (`what`: the kind of class
+    the position needs, for the message)."""
     if module_name not in sys.modules:
         if module_name == "__main__" or safe:
             raise Refused(
@@ -211,7 +225,7 @@ def resolve_class(module_name: str, qualname: str, *, safe: bool) -> type:
         )
     if not isinstance(cls, type):
         raise Refused(
-            f"{module_name}.{qualname} is not a Flax module class (not a class defined there); "
+            f"{module_name}.{qualname} is not {what} (not a class defined there); "
             "the file may have been tampered with."
         )
     if cls.__module__ != module_name or cls.__qualname__ != qualname:
@@ -220,6 +234,55 @@ def resolve_class(module_name: str, qualname: str, *, safe: bool) -> type:
             "name a class only by the module that defines it."
         )
     return cls
+
+
+def resolve_loaded_class(module_name: str, qualname: str, what: str) -> type:
+    """A config or enum class (`what`), read only from a module already imported: never
+    imported, whatever the safe mode; raises Refused."""
+    if module_name not in sys.modules:
+        raise Refused(
+            f"module {module_name!r} is not imported, and a loader never imports the module of "
+            f"{what} a file names, even with safe_mode=False. Import it first "
+            f"(`import {module_name}`)."
+        )
+    return resolve_class(module_name, qualname, safe=True, what=what)
+
+
+def _package(cls: type) -> str:
+    return cls.__module__.partition(".")[0]
+
+
+def are_siblings(cls: type, declared: type) -> bool:
+    """Whether `cls` may stand for `declared` as its sibling: both are defined in one top-level
+    package, and `cls` subclasses every direct base of `declared`, each of them (never
+    `object`) defined in that package too (Hugging Face's `MT5Config` for `T5Config`, both
+    children of `transformers.PretrainedConfig`)."""
+    package = _package(declared)
+    return _package(cls) == package and all(
+        base is not object and _package(base) == package and issubclass(cls, base)
+        for base in declared.__bases__
+    )
+
+
+def enum_member(cls: Any, name: Any) -> enum.Enum:
+    """The member named `name` of the Enum class `cls`, read from its members with the standard
+    enum lookup (never a method of `cls` or of its metaclass); raises Refused."""
+    if not (isinstance(cls, enum.EnumType) and issubclass(cls, enum.Enum)):
+        raise Refused(
+            f"{getattr(cls, '__module__', '?')}.{getattr(cls, '__qualname__', cls)!r} is not an "
+            "Enum class; the file may have been tampered with."
+        )
+    try:
+        member = enum.EnumType.__getitem__(cls, name) if isinstance(name, str) else None
+    except KeyError:
+        member = None
+    if type(member) is not cls:
+        members = ", ".join(m.name for m in enum.EnumType.__iter__(cls))
+        raise Refused(
+            f"{name!r} is not a member of {cls.__module__}.{cls.__qualname__} (its members: "
+            f"{members}); the file may have been tampered with."
+        )
+    return member
 
 
 def dtype_from_name(name: Any) -> np.dtype:

@@ -34,7 +34,7 @@ from flax import nnx
 
 import corpus_models as cm
 from flaxlayer import FlaxLayer
-from helpers import run_python_json, to_numpy
+from helpers import run_python_json, save_load, to_numpy
 
 BATCH = 8
 N = 16  # two steps per epoch
@@ -410,8 +410,10 @@ def test_keras_file_loads_in_fresh_process(fresh_loads, name):
     assert result["max_abs_diff"] <= ATOL, result
 
 
-def test_lm_decode_cache_one_token_per_call_matches_pure_flax(corpus):
-    """lm1b's decoding set-up through FlaxLayer, eagerly and in `predict`."""
+def test_lm_decode_cache_one_token_per_call_matches_pure_flax(corpus, tmp_path):
+    """lm1b's decoding set-up through FlaxLayer, eagerly and in `predict`; saved half-way,
+    the loaded model (its cache sized by the variables given, not by an init on one token)
+    decodes the rest."""
     params = corpus.get("transformer_lm").case.layer.flax_variables["params"]
     batch, length = 4, LM_LENGTH
     decode_lm = cm.TransformerLM(dataclasses.replace(LM_CONFIG, decode=True, deterministic=True))
@@ -438,7 +440,10 @@ def test_lm_decode_cache_one_token_per_call_matches_pure_flax(corpus):
 
     layer = FlaxLayer(decode_lm, variables={"params": params, "cache": cache})
     model = keras.Sequential([keras.Input((1,), batch_size=batch, dtype="int32"), layer])
+    half = length // 2
     for t in range(length):
+        if t == half:
+            model = save_load(model, tmp_path)
         out = to_numpy(model.predict(steps[:, t : t + 1], batch_size=batch, verbose=0))
         np.testing.assert_allclose(out, expected[t], atol=ATOL, err_msg=f"predict, step {t}")
 

@@ -371,6 +371,21 @@ def jax_param_shape(name: str, shape: list) -> Callable:
     return edit
 
 
+def given_variables(tree: dict) -> Callable:
+    """A FlaxLayer `variables` entry (the shapes a decode cache was given at) written into the
+    layer's config: {collection: {path part: ...: [shape]}} of float32 leaves."""
+
+    def spec(node):
+        if isinstance(node, dict):
+            return {"dict": [[k, spec(v)] for k, v in node.items()]}
+        return {"shape": node, "dtype": "float32"}
+
+    def edit(config, target):
+        layer_config(config)["variables"] = spec(tree)
+
+    return edit
+
+
 # The memory child loads this control first (so that a memory test cannot pass because loading
 # is broken there); the main child loads it among the other controls.
 WARM_UP_CONTROL = Attack("control_linen_gelu_variance_scaling", "net")

@@ -79,6 +79,11 @@ def build_config(decoder: "Decoder", data: dict, path: tuple) -> Any:
     return decoder.construct(path, lambda: cls.from_dict(values), f"{cls.__name__}.from_dict")
 
 
+def build_enum(decoder: "Decoder", data: dict, path: tuple) -> Any:
+    """An enum member, looked up by name among its (checked) class's members."""
+    return _trust.enum_member(decoder.class_of(data), data["name"])
+
+
 def build_function(
     decoder: "Decoder", data: dict, path: tuple, *, numerical: bool = True
 ) -> Callable:
@@ -114,6 +119,7 @@ Build = Callable[["Decoder", dict, tuple], Any]
 
 BUILDERS: dict[str, Build] = {
     "config": build_config,
+    "enum": build_enum,
     "class": build_class,
     "function": build_function,
     "factory": build_factory,

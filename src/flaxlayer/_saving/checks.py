@@ -8,22 +8,18 @@ import dataclasses
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from flaxlayer._saving.schema import TAG, config_type
+from flaxlayer import _trust
+from flaxlayer._saving.schema import TAG
+from flaxlayer._trust import Refused
 
 if TYPE_CHECKING:
     from flaxlayer._saving.decoder import Decoder
 
 
 def check_config(decoder: "Decoder", data: dict, path: tuple, depth: int, declared: Any) -> None:
-    """A config object: of the class its field declares, by fields or by `from_dict`."""
-    expected = config_type(declared)
-    if expected is None:
-        raise decoder.fail(
-            path,
-            "a config object may only be the value of a field whose class declares its "
-            "type, and this one declares none (the file may have been tampered with).",
-        )
-    cls = decoder.check_class(data, path, (expected,), f"a {expected.__qualname__} config")
+    """A config object: of a class its field allows (see `Decoder.config_class`), by fields or
+    by `from_dict`."""
+    cls = decoder.config_class(data, path, declared)
     decoder.instantiated(cls)
     if ("fields" in data) == ("dict" in data):
         raise decoder.fail(path, "a config entry needs exactly one of fields and dict.")
@@ -35,6 +31,15 @@ def check_config(decoder: "Decoder", data: dict, path: tuple, depth: int, declar
         if not callable(getattr(cls, "from_dict", None)):
             raise decoder.fail(path, f"{cls.__qualname__} has no from_dict.")
         decoder.check(data["dict"], (*path, "dict"), depth + 1, None)
+
+
+def check_enum(decoder: "Decoder", data: dict, path: tuple, depth: int, declared: Any) -> None:
+    """An enum member: a class its field allows (see `Decoder.enum_class`) and a member name."""
+    cls = decoder.enum_class(data, path, declared)
+    try:
+        _trust.enum_member(cls, data["name"])
+    except Refused as e:
+        raise decoder.fail((*path, "name"), str(e)) from None
 
 
 def check_class(decoder: "Decoder", data: dict, path: tuple, depth: int, declared: Any) -> None:
@@ -99,7 +104,7 @@ def check_partial(decoder: "Decoder", data: dict, path: tuple, depth: int, decla
 def check_tuple(decoder: "Decoder", data: dict, path: tuple, depth: int, declared: Any) -> None:
     if not isinstance(data["items"], list):
         raise decoder.fail((*path, "items"), "items must be a list.")
-    decoder.check(data["items"], (*path, "items"), depth + 1, None)
+    decoder.check(data["items"], (*path, "items"), depth + 1, declared)
 
 
 def check_dict(decoder: "Decoder", data: dict, path: tuple, depth: int, declared: Any) -> None:
@@ -115,6 +120,7 @@ Check = Callable[["Decoder", dict, tuple, int, Any], None]
 
 CHECKS: dict[str, Check] = {
     "config": check_config,
+    "enum": check_enum,
     "class": check_class,
     "function": check_function,
     "factory": check_factory,

@@ -1,12 +1,14 @@
 """Checks a `.keras` config whole, then rebuilds the module it describes, under `_trust`.
 
 Loading checks the whole entry tree first (its shape, every class it names, every config's
-declared type) before anything is constructed, never imports in safe mode, allocates nothing
+and enum member's class against its field's declared type) before anything is constructed,
+never imports in safe mode (nor, in any mode, for a config or enum class), allocates nothing
 sized by the file (NNX variables come back abstract; values travel in the weights file), and
 reports every problem as `SerializationError` with the config path of the entry.
 """
 
 import dataclasses
+import enum
 import functools
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -21,7 +23,11 @@ from flaxlayer._saving.schema import (
     SCHEMA,
     SKIPPED_FIELDS,
     TAG,
+    config_type,
     declared_types,
+    enum_types,
+    is_loose,
+    item_type,
     module_factory_bound,
 )
 from flaxlayer._trust import Refused
@@ -54,6 +60,8 @@ class Decoder:
         self.safe = in_safe_mode() if safe is None else safe
         self.root = root
         self.user_modules: set[str] = set()
+        self.module_modules: set[str] = set()  # of the user module classes the file builds
+        self._beside: list[tuple[tuple, type]] = []
         self.codecs = [kind(self) for kind in kinds]
         self.class_bases = tuple(b for kind in kinds for b in kind.class_bases)
         self.module_bases = tuple(kind.module_base for kind in kinds)
@@ -79,6 +87,7 @@ class Decoder:
         self.check(data, self.root, 0, None)
         for codec in self.codecs:
             codec.finish_check()
+        self._check_beside()
         return self.value(data, self.root)
 
     # ----------------------------------------------------------------------------- checking
@@ -89,16 +98,16 @@ class Decoder:
             raise self.fail(path, f"it is nested deeper than {MAX_DEPTH} levels.")
         kind = data.get(TAG) if isinstance(data, dict) else None
         if kind is None:
-            self._check_json(data, path, depth)
+            self._check_json(data, path, depth, declared)
             return
         self._check_keys(kind, data, path)
         self._checks[kind](data, path, depth, declared)
 
-    def _check_json(self, data: Any, path: tuple, depth: int) -> None:
+    def _check_json(self, data: Any, path: tuple, depth: int, declared: Any) -> None:
         """JSON that is no entry: a list or mapping (each item checked) or a plain value."""
         if isinstance(data, list):
             for i, v in enumerate(data):
-                self.check(v, (*path, i), depth + 1, None)
+                self.check(v, (*path, i), depth + 1, item_type(declared, i))
         elif isinstance(data, dict):
             for k, v in data.items():
                 self.check(v, (*path, k), depth + 1, None)
@@ -120,8 +129,9 @@ class Decoder:
                 f"may have {sorted(optional)}.",
             )
 
-    def check_class(self, data: dict, path: tuple, bases: tuple[type, ...], what: str) -> type:
-        """Resolves the class an entry names (under `_trust`); it must subclass `bases`."""
+    def _resolve(self, data: dict, path: tuple, safe: bool, what: str = "") -> type:
+        """The class an entry names, under `_trust.resolve_class` (a config or enum class,
+        `what`, under `_trust.resolve_loaded_class`)."""
         ref = data["class"]
         if not (
             isinstance(ref, dict)
@@ -130,9 +140,15 @@ class Decoder:
         ):
             raise self.fail((*path, "class"), f"the class reference {ref!r} is malformed.")
         try:
-            cls = _trust.resolve_class(ref["module"], ref["qualname"], safe=self.safe)
+            if what:
+                return _trust.resolve_loaded_class(ref["module"], ref["qualname"], what)
+            return _trust.resolve_class(ref["module"], ref["qualname"], safe=safe)
         except Refused as e:
             raise self.fail((*path, "class"), str(e)) from None
+
+    def check_class(self, data: dict, path: tuple, bases: tuple[type, ...], what: str) -> type:
+        """Resolves the class an entry names (under `_trust`); it must subclass `bases`."""
+        cls = self._resolve(data, path, self.safe)
         if not issubclass(cls, bases):
             names = " or ".join(f"{b.__module__}.{b.__qualname__}" for b in bases)
             raise self.fail(
@@ -144,6 +160,60 @@ class Decoder:
         self._classes[id(data)] = cls
         return cls
 
+    def config_class(self, data: dict, path: tuple, declared: Any) -> type:
+        """The class of a config entry, read only from an imported module: the declared class,
+        a subclass or a sibling of it (`_trust.are_siblings`), or, in a field declared loosely,
+        a class beside a module class of yours the file builds (checked by `_check_beside`)."""
+        cls = self._resolve(data, path, True, "a config class")
+        expected = config_type(declared)
+        name = f"{cls.__module__}.{cls.__qualname__}"
+        if issubclass(cls, (*self.class_bases, *self.module_bases)):
+            raise self.fail((*path, "class"), f"{name} is a Flax class, not a config class.")
+        if expected is not None and (
+            issubclass(cls, expected) or _trust.are_siblings(cls, expected)
+        ):
+            pass
+        elif expected is None and is_loose(declared):
+            self._beside.append((path, cls))
+        else:
+            raise self.fail(
+                (*path, "class"),
+                f"{name} is not the config class the field declares ({declared!r}), a subclass "
+                "of it, or a sibling of it (a class of the same package under the same parent "
+                "classes); the file may have been tampered with.",
+            )
+        self._classes[id(data)] = cls
+        return cls
+
+    def enum_class(self, data: dict, path: tuple, declared: Any) -> type:
+        """The class of an enum entry, read only from an imported module: an Enum class the
+        field's annotation names, or one beside a module class of yours the file builds."""
+        cls = self._resolve(data, path, True, "an enum class")
+        if not issubclass(cls, enum.Enum):
+            raise self.fail(
+                (*path, "class"),
+                f"{cls.__module__}.{cls.__qualname__} is not an Enum class; the file may have "
+                "been tampered with.",
+            )
+        if not any(issubclass(cls, e) for e in enum_types(declared)):
+            self._beside.append((path, cls))
+        self._classes[id(data)] = cls
+        return cls
+
+    def _check_beside(self) -> None:
+        """Each config or enum class no annotation named is defined beside a module class of
+        yours that the file builds (known only once the whole file is checked)."""
+        for path, cls in self._beside:
+            if cls.__module__ not in self.module_modules:
+                built = ", ".join(repr(m) for m in sorted(self.module_modules)) or "none"
+                raise self.fail(
+                    (*path, "class"),
+                    f"{cls.__module__}.{cls.__qualname__} is not the class the field declares, "
+                    "and a class the field does not declare is accepted only if it is defined "
+                    "in the module of a Flax module class of yours the file builds (here: "
+                    f"{built}); the file may have been tampered with.",
+                )
+
     def class_of(self, data: dict) -> type:
         """The class `check_class` resolved for `data`."""
         return self._classes[id(data)]
@@ -152,6 +222,8 @@ class Decoder:
         """Records that the file builds `cls`: its module's top-level functions may be named."""
         if not _trust.is_library_module(cls.__module__):
             self.user_modules.add(cls.__module__)
+            if issubclass(cls, self.module_bases):
+                self.module_modules.add(cls.__module__)
 
     def check_fields(self, cls: type, fields: dict, path: tuple, depth: int) -> None:
         """A dataclass's fields: known names, required ones present, values as declared."""

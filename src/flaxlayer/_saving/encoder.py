@@ -2,14 +2,23 @@
 
 What is captured: a Linen module's dataclass fields, recursively (submodules, tuples, lists,
 dicts, scalars, dtypes, module classes, `functools.partial`, functions, initializers made by
-the JAX/Flax factories, and config objects: dataclasses, `flax.struct` dataclasses and Hugging
-Face-style configs with `to_dict`/`from_dict`); an NNX module's object graph; a class with its
-own `get_config`/`from_config` through those. What a module kind writes of its own objects
+the JAX/Flax factories, config objects: dataclasses, `flax.struct` dataclasses and Hugging
+Face-style configs with `to_dict`/`from_dict`, and enum members by class and name); an NNX
+module's object graph; a class with its own `get_config`/`from_config` through those.
+
+A config object's class must be the one its field declares or a subclass, or a sibling of it
+(`_trust.are_siblings`: one top-level package, every direct base of the declared class a base
+of it and defined in that package); in a field declared loosely (`object`, `Any`, no type) it
+must be defined in the Python module of a Flax module class of yours the model saves. An enum
+member's class must be named by the field's annotation (anywhere in it) or be defined in the
+module of such a module class. An `int`/`str`/`float` enum whose class the annotation does
+not name is written as its plain value, as before. What a module kind writes of its own objects
 (a Linen module's fields, an NNX object graph) its adapter says, through a `KindCodec`.
 Saving refuses what loading would refuse, so a file that saves loads.
 """
 
 import dataclasses
+import enum
 import functools
 import inspect
 import math
@@ -25,7 +34,15 @@ from flaxlayer import _trust
 from flaxlayer._compat import jax_scalar_type_dtype
 from flaxlayer._saving.codec import KindCodec
 from flaxlayer._saving.errors import SerializationError
-from flaxlayer._saving.schema import SKIPPED_FIELDS, TAG, config_type, declared_types
+from flaxlayer._saving.schema import (
+    SKIPPED_FIELDS,
+    TAG,
+    config_type,
+    declared_types,
+    enum_types,
+    is_loose,
+    item_type,
+)
 
 
 def _ref(cls: Any) -> dict:
@@ -82,6 +99,29 @@ def _registered_name(fn: Any) -> str | None:
 
 
 @dataclasses.dataclass
+class _Beside:
+    """A config object or enum member whose class must be defined in the module of a Flax module
+    class of yours the model saves (checked once the whole tree is known)."""
+
+    cls: type
+    where: str
+    what: str
+    declared: Any
+
+
+def _names_enum(declared: Any, cls: type) -> bool:
+    return any(issubclass(cls, e) for e in enum_types(declared))
+
+
+def _as_member(value: Any, declared: Any) -> bool:
+    """Whether `value` is written as an enum member (an int, str or float enum only where the
+    annotation names its class: elsewhere it stays the plain value it always was)."""
+    return isinstance(value, enum.Enum) and (
+        not isinstance(value, (int, float, str)) or _names_enum(declared, type(value))
+    )
+
+
+@dataclasses.dataclass
 class _Saved:
     """A function written by module and name, to be checked once the whole tree is known."""
 
@@ -101,8 +141,11 @@ class Encoder:
         self.owner = owner
         self.codecs = [kind(self) for kind in kinds]
         self._class_bases = tuple(b for kind in kinds for b in kind.class_bases)
+        self._module_bases = tuple(kind.module_base for kind in kinds)
         self._user_modules: set[str] = set()
+        self._module_modules: set[str] = set()  # of the user module classes saved
         self._saved: list[_Saved] = []
+        self._beside: list[_Beside] = []
         self._main: set[str] = set()
 
     def fail(self, where: str, value: Any, why: str) -> SerializationError:
@@ -159,10 +202,14 @@ class Encoder:
             self._main.add(ref["qualname"])
         if instantiated and not _trust.is_library_module(ref["module"]):
             self._user_modules.add(ref["module"])
+            if issubclass(cls, self._module_bases):
+                self._module_modules.add(ref["module"])
         return ref
 
     def value(self, value: Any, where: str, declared: Any = None) -> Any:
         """The entry for a field value (`declared`: the type the field declares)."""
+        if _as_member(value, declared):
+            return self.enum(value, where, declared)
         if value is None or isinstance(value, (bool, int, str)):
             return value
         if isinstance(value, (float, np.generic)):
@@ -177,14 +224,17 @@ class Encoder:
             return {TAG: "class", "class": self.class_ref(value, where)}
         if _is_config(value):
             return self.config(value, where, declared)
-        return self._composite(value, where)
+        return self._composite(value, where, declared)
 
-    def _composite(self, value: Any, where: str) -> Any:
+    def _items(self, value: tuple | list, where: str, declared: Any) -> list:
+        return [self.value(v, where, item_type(declared, i)) for i, v in enumerate(value)]
+
+    def _composite(self, value: Any, where: str, declared: Any = None) -> Any:
         """The entry for a container, a partial or a function (what `value` leaves)."""
         if isinstance(value, tuple) and not hasattr(value, "_fields"):
-            return {TAG: "tuple", "items": [self.value(v, where) for v in value]}
+            return {TAG: "tuple", "items": self._items(value, where, declared)}
         if isinstance(value, list):
-            return [self.value(v, where) for v in value]
+            return self._items(value, where, declared)
         if isinstance(value, (dict, FrozenDict)):
             items = [[self.value(k, where), self.value(v, where)] for k, v in value.items()]
             return {TAG: "frozendict" if isinstance(value, FrozenDict) else "dict", "items": items}
@@ -205,22 +255,47 @@ class Encoder:
         }
 
     def config(self, value: Any, where: str, declared: Any) -> dict:
-        """A config object's entry; the field must declare its class."""
+        """A config object's entry: of the declared class, a subclass or a sibling of it; in a
+        loosely declared field, of a class beside a module class saved (checked by `finish`)."""
         cls = type(value)
         expected = config_type(declared)
-        owner_cls, _, field = where.partition(".")
-        if expected is None or not isinstance(value, expected):
-            shown = "no type" if declared is None else f"the type {declared!r}"
+        if expected is not None and (
+            isinstance(value, expected) or _trust.are_siblings(cls, expected)
+        ):
+            pass
+        elif is_loose(declared):
+            self._beside.append(_Beside(cls, where, "config object", declared))
+        else:
+            owner_cls, _, field = where.partition(".")
             raise SerializationError(
                 f"{self.owner}: cannot save field `{field}` of {owner_cls}: it holds a config "
-                f"object of class {cls.__qualname__}, but {owner_cls} declares {shown} for it, "
-                "and a loader rebuilds a config only as the class the module declares. "
+                f"object of class {cls.__qualname__}, but {owner_cls} declares the type "
+                f"{declared!r} for it, and a loader rebuilds a config only as the class the "
+                "module declares, a subclass of it, or a sibling (a class of the same package "
+                "under the same parent classes). "
                 f"Annotate the field: `{field}: {cls.__qualname__}`."
             )
         ref = self.class_ref(cls, where, instantiated=True)
         if dataclasses.is_dataclass(value):
             return {TAG: "config", "class": ref, "fields": self.fields(value, cls)}
         return {TAG: "config", "class": ref, "dict": self.value(_config_dict(value), where)}
+
+    def enum(self, value: enum.Enum, where: str, declared: Any) -> dict:
+        """An enum member's entry: its class (named by the annotation, or beside a module class
+        saved, checked by `finish`) and its name."""
+        cls = type(value)
+        try:
+            loads = _trust.enum_member(cls, value.name) is value
+        except _trust.Refused:
+            loads = False
+        if not loads:
+            raise self.fail(
+                where, value, f"{cls.__qualname__} does not look its members up by name"
+            )
+        ref = self.class_ref(cls, where)
+        if not _names_enum(declared, cls):
+            self._beside.append(_Beside(cls, where, "enum member", declared))
+        return {TAG: "enum", "class": ref, "name": value.name}
 
     def function(self, fn: Any, where: str) -> dict:
         """A function's entry: allow-listed, registered, made by a factory, or top-level."""
@@ -309,6 +384,9 @@ class Encoder:
         for saved in self._saved:
             if saved.module not in self._user_modules:
                 raise self._untrusted(saved)
+        for beside in self._beside:
+            if beside.cls.__module__ not in self._module_modules:
+                raise self._not_beside(beside)
         if self._main:
             warnings.warn(
                 f"{self.owner}: {', '.join(sorted(self._main))} "
@@ -330,4 +408,20 @@ class Encoder:
             "function by name only next to a class it builds, or from the allowed "
             "numerical functions). Register it, one line above its definition:\n\n"
             f"    @keras.saving.register_keras_serializable()\n    def {name}(...): ..."
+        )
+
+    def _not_beside(self, beside: _Beside) -> SerializationError:
+        """The error for a config or enum class a loader would refuse in this field."""
+        owner_cls, _, field = beside.where.partition(".")
+        cls = beside.cls
+        shown = "no type" if beside.declared is None else f"the type {beside.declared!r}"
+        modules = ", ".join(repr(m) for m in sorted(self._module_modules)) or "none"
+        return SerializationError(
+            f"{self.owner}: cannot save field `{field or beside.where}` of {owner_cls}: it holds "
+            f"a{'n' if beside.what[0] in 'ae' else ''} {beside.what} of class {cls.__qualname__} "
+            f"(defined in {cls.__module__!r}), but {owner_cls} declares {shown} for it, and a "
+            f"loader accepts a class the field does not declare only if it is defined in the "
+            f"module of a Flax module class of yours the model saves (here: {modules}). "
+            f"Annotate the field: `{field or beside.where}: {cls.__qualname__}`, or define "
+            f"{cls.__qualname__} in the module of the module class that uses it."
         )

@@ -1,6 +1,7 @@
 """The entries a `.keras` config holds: their kinds and keys, and the types fields declare."""
 
 import collections.abc
+import enum
 import functools
 import inspect
 import types
@@ -29,6 +30,7 @@ def schema(*entries: tuple[str, Any, Any]) -> dict[str, Keys]:
 # loader reads: nothing in a file is looked at by one step and skipped by another.
 SCHEMA = schema(
     ("config", {"class"}, {"fields", "dict"}),
+    ("enum", {"class", "name"}, ()),
     ("class", {"class"}, ()),
     ("function", (), {"module", "qualname", "registered"}),
     ("factory", {"factory"}, {"kwargs"}),
@@ -76,15 +78,60 @@ def declared_types(cls: Any, *, with_init: bool = False) -> dict[str, Any]:
     return declared
 
 
+def _unwrap_optional(annotation: Any) -> Any:
+    """T of `T | None` or `Optional[T]`; None for a union of several types; else `annotation`."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        arms = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return arms[0] if len(arms) == 1 else None
+    return annotation
+
+
 def config_type(annotation: Any) -> type | None:
     """The class a field declared `T`, `T | None` or `Optional[T]` holds, else None."""
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        arms = [a for a in typing.get_args(annotation) if a is not type(None)]
-        annotation = arms[0] if len(arms) == 1 else None
+    annotation = _unwrap_optional(annotation)
     if not isinstance(annotation, type) or annotation in (object, typing.Any):
         return None
     return annotation
+
+
+def is_loose(annotation: Any) -> bool:
+    """Whether a field is declared loosely: `object`, `Any` (or Optional of them), or not at all."""
+    if annotation is None:
+        return True
+    annotation = _unwrap_optional(annotation)
+    return annotation is object or annotation is typing.Any
+
+
+#: Containers whose one type argument is the type of every item (`Sequence[X]`, `list[X]`).
+_HOMOGENEOUS = (
+    list,
+    collections.abc.Sequence,
+    collections.abc.MutableSequence,
+    collections.abc.Iterable,
+    collections.abc.Collection,
+)
+
+
+def item_type(annotation: Any, index: int) -> Any:
+    """The type a tuple or list field declares for its item `index` (X of `tuple[X, ...]`,
+    `Sequence[X]`, `list[X]`, also under Optional; the index-th type of `tuple[X, Y]`), else
+    None."""
+    annotation = _unwrap_optional(annotation)
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+        return args[0]
+    if origin is tuple:
+        return args[index] if index < len(args) else None
+    if origin in _HOMOGENEOUS and len(args) == 1:
+        return args[0]
+    return None
+
+
+def enum_types(annotation: Any) -> tuple[type, ...]:
+    """The Enum classes an annotation names anywhere in it (`E`, `E | None`, `tuple[E, E]`)."""
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        return (annotation,)
+    return tuple(e for arg in typing.get_args(annotation) for e in enum_types(arg))
 
 
 def module_factory_bound(annotation: Any, bases: tuple[type, ...]) -> type | None:

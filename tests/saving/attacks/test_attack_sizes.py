@@ -16,6 +16,7 @@ from attack_kit import (
     dtype_entry,
     factory,
     fn,
+    given_variables,
     input_spec,
     jax_param_shape,
     names_of,
@@ -95,6 +96,16 @@ MEMORY_ATTACKS = [
         "jaxlayer",
         chain(jax_param_shape("w", [3, 100_000_000]), jax_param_shape("b", [100_000_000])),
         ("w", "(3, 2)", "(3, 100000000)"),
+        child="memory",
+        weights_error=True,
+    ),
+    # The shapes of variables given at construction (a decode cache's full length), which a
+    # loaded layer is built to: placeholders until the weights file confirms them.
+    Attack(
+        "mem_linen_given_variables_shape",
+        "net",
+        given_variables({"params": {"dense": {"kernel": [3, 100_000_000], "bias": [100_000_000]}}}),
+        ("dense/kernel", "(3, 4)", "(3, 100000000)"),
         child="memory",
         weights_error=True,
     ),
