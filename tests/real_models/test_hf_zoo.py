@@ -17,8 +17,10 @@ T5, mT5 and LongT5 need `hf_zoo.t5_clip_workaround` (their code calls a `jnp.cli
 JAX removed); a test checks that without it they still fail in pure Flax with JAX's TypeError,
 so the suite notices when transformers or JAX change.
 
-The slowest architectures carry the `zoo_full` marker: `make test` leaves them out, `make
-test-zoo` runs the whole zoo on the three backends.
+BigBird and RoFormer cannot pass checks 2-5 without a wrapper function (their `head_mask`
+argument has no default; see hf_zoo.HEAD_MASK): those are strict xfails. `make test` runs a
+third of the zoo (DEFAULT, every kind of model); the others carry the `zoo_full` marker, and
+`make test-zoo` runs the whole zoo on the three backends.
 """
 
 from __future__ import annotations
@@ -36,9 +38,26 @@ from helpers import run_python_json
 
 ATOL = 1e-5
 
-# The slowest to build and compile (see the module docstring): `-m zoo_full` selects them.
-FULL = {"speech_encoder_decoder", "regnet", "longt5", "clip", "beit", "whisper"}
-NAMES = [pytest.param(n, marks=pytest.mark.zoo_full) if n in FULL else n for n in zoo.ZOO]
+# `make test` runs these (about a third of the zoo, every kind of model: encoders, causal LMs,
+# an encoder-decoder, T5 and mT5 with the workaround, vision with and without batch stats,
+# CLIP's text tower, audio); the others carry the `zoo_full` marker (`make test-zoo`).
+DEFAULT = {
+    "bert", "distilbert", "roberta", "electra", "gpt2", "llama", "mistral", "xglm", "bart", "t5",
+    "mt5", "vit", "resnet", "clip_text", "wav2vec2",
+}  # fmt: skip
+
+
+def names(check: int):
+    """The architectures as parameters of check `check` (1-5): marked `zoo_full` outside
+    DEFAULT, and expected to fail (strictly: a pass fails the test, so the suite notices) for
+    checks 2-5 where the catalogue knows why they cannot pass."""
+    params = []
+    for name, arch in zoo.ZOO.items():
+        marks = [] if name in DEFAULT else [pytest.mark.zoo_full]
+        if arch.known_failure and check > 1:
+            marks.append(pytest.mark.xfail(strict=True, reason=arch.known_failure))
+        params.append(pytest.param(name, marks=marks))
+    return params
 
 
 def wrap(hf_model, arch):
@@ -87,25 +106,25 @@ def hf():
     return Zoo()
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", names(1))
 def test_layer_constructs_from_the_module_and_model_params(hf, name):
     run = hf.get(name, "construct")
     assert run.layer.module is run.hf_model.module
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", names(2))
 def test_predict_with_dict_inputs_equals_the_transformers_model(hf, name):
     assert hf.get(name, "predict") <= ATOL
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", names(3))
 def test_fit_on_one_output_trains(hf, name):
     run = hf.get(name, "fit")
     assert len(run.history) == 1 and np.all(np.isfinite(run.history)), run.history
     assert run.changed, f"fit moved no weight: {run.unchanged}"
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", names(4))
 def test_pure_flax_apply_on_flax_variables_gives_the_trained_predictions(hf, name):
     assert hf.get(name, "pure_flax") <= ATOL
 
@@ -129,7 +148,7 @@ def fresh_loads(hf, tmp_path_factory, request):
     folder = tmp_path_factory.mktemp("hf_zoo")
     files, outcome = {}, {}
     for name in zoo.ZOO:
-        if name not in _selected_names(request.session):
+        if name not in _selected_names(request.session) or zoo.ZOO[name].known_failure:
             continue
         try:
             hf.get(name, "pure_flax")
@@ -143,8 +162,10 @@ def fresh_loads(hf, tmp_path_factory, request):
     return outcome
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", names(5))
 def test_keras_file_loads_in_fresh_process(fresh_loads, name):
+    if zoo.ZOO[name].known_failure:  # not saved: its checks 2-4 fail
+        raise AssertionError(zoo.ZOO[name].known_failure)
     result = fresh_loads[name]
     if isinstance(result, BaseException):
         raise result
@@ -152,7 +173,7 @@ def test_keras_file_loads_in_fresh_process(fresh_loads, name):
     assert result["max_abs_diff"] <= ATOL, result
 
 
-T5_FAMILY = [n for n in NAMES if zoo.ZOO[getattr(n, "values", [n])[0]].needs_clip_workaround]
+T5_FAMILY = [p for p in names(1) if zoo.ZOO[p.values[0]].needs_clip_workaround]
 
 
 @pytest.mark.parametrize("name", T5_FAMILY)

@@ -124,6 +124,12 @@ class Arch:
     output: str  # the output a Keras model trains on
     loss: str  # "sparse_ce" (integer targets over the output's last axis) or "mse"
     needs_clip_workaround: bool = False  # T5, mT5, LongT5: see t5_clip_workaround
+    # The module returns `(output,)`, not a ModelOutput, unless `return_dict=True` is passed
+    # (Wav2Vec2ForCTC's `return_dict=None` default is falsy; the model's own call passes the
+    # config's True): Keras gets the output array alone.
+    returns_tuple: bool = False
+    # Why checks 2-5 cannot pass as written (the tests expect them to fail), or None.
+    known_failure: str | None = None
 
     def sample(self, seed: int, n: int = BATCH) -> dict[str, np.ndarray]:
         rng = np.random.default_rng(seed)
@@ -276,6 +282,10 @@ def _arch(name, build, inputs, output="logits", loss="sparse_ce", **kwargs):
     return name, Arch(name, build, inputs, output, loss, **kwargs)
 
 
+HEAD_MASK = (
+    "its module's `head_mask` argument has no default and takes None (no head mask), which no "
+    "Keras input can give: FlaxLayer asks for a wrapper function"
+)
 ENCODER = dict(output="last_hidden_state", loss="mse")
 IMAGE_CLASSIFIER = dict(_vit(), num_labels=CLASSES)
 
@@ -303,6 +313,7 @@ ZOO: dict[str, Arch] = dict(
             _model("FlaxBigBirdModel", "BigBirdConfig", **_text(attention_type="original_full")),
             BERT_LIKE,
             **ENCODER,
+            known_failure=HEAD_MASK,
         ),
         _arch(
             "blenderbot",
@@ -519,6 +530,7 @@ ZOO: dict[str, Arch] = dict(
             _model("FlaxRoFormerModel", "RoFormerConfig", **_text()),
             {**TEXT, "token_type_ids": TYPES},
             **ENCODER,
+            known_failure=HEAD_MASK,
         ),
         _arch(
             "speech_encoder_decoder",
@@ -557,6 +569,7 @@ ZOO: dict[str, Arch] = dict(
             "wav2vec2",
             _model("FlaxWav2Vec2ForCTC", "Wav2Vec2Config", **_wav2vec2()),
             {"input_values": AUDIO_VALUES, "attention_mask": AUDIO_MASK},
+            returns_tuple=True,
         ),
         _arch(
             "whisper",
@@ -623,6 +636,8 @@ def to_plain(outputs) -> Any:
         return {k: to_plain(v) for k, v in outputs.items() if v is not None}
     if isinstance(outputs, list | tuple):
         return [to_plain(v) for v in outputs]
+    if outputs is None:
+        return None
     import keras
 
     return np.asarray(keras.ops.convert_to_numpy(outputs))
@@ -707,7 +722,13 @@ def check_predict(run: Run) -> float:
         run.hf_model(**run.arch.model_inputs(run.x), params=run.hf_model.params)
     )
     run.pred = run.model.predict(run.x, batch_size=BATCH, verbose=0)
-    return max_abs_diff(run.pred, run.reference)
+    return max_abs_diff(run.pred, expected_outputs(run.arch, run.reference))
+
+
+def expected_outputs(arch: Arch, outputs):
+    """What the wrapped module gives for the model's outputs (plain dicts): the output alone
+    where the module returns a tuple of it (see `Arch.returns_tuple`)."""
+    return outputs[arch.output] if arch.returns_tuple else outputs
 
 
 def check_fit(run: Run) -> None:
@@ -717,7 +738,8 @@ def check_fit(run: Run) -> None:
 
     arch = run.arch
     inputs = keras_inputs(arch)
-    trained = keras.Model(inputs, run.layer(inputs)[arch.output])
+    outputs = run.layer(inputs)
+    trained = keras.Model(inputs, outputs[0] if arch.returns_tuple else outputs[arch.output])
     loss = (
         keras.losses.SparseCategoricalCrossentropy(from_logits=True)
         if arch.loss == "sparse_ce"
@@ -743,7 +765,7 @@ def check_pure_flax(run: Run, flax_variables: dict) -> float:
     """Check 4: `model.module.apply(flax_variables, **x)` (the trained values back in pure
     Flax) equals the trained predictions; returns the largest difference."""
     out = run.hf_model.module.apply(flax_variables, **run.x)
-    return max_abs_diff(run.pred, out)
+    return max_abs_diff(run.pred, out[0] if run.arch.returns_tuple else out)
 
 
 def save(run: Run, folder, name: str) -> dict:
