@@ -12,7 +12,8 @@ process with equal predictions.
 - keras.layers.FlaxLayer, JAX backend only (it supports no other): its `method` gets
   `(module, inputs, training)` with the inputs in one argument, so a multi-input module needs
   the wrapper function its docs show; here the one every architecture needs (the dict spread
-  over the module's arguments, outputs returned as plain dicts), registered for saving;
+  over the module's arguments, `head_mask=None` where the module takes one, outputs returned
+  as plain dicts), registered for saving;
   variables given as its docs say, `{"params": model.params}`.
 
 One worker process per backend and library; each runs every architecture, then one fresh
@@ -48,14 +49,19 @@ MARKER = "@@RESULT@@"
 
 def call_hf_module(module, inputs, training=False):
     """keras.layers.FlaxLayer's `method` for a transformers module: the dict of inputs spread
-    over its arguments, the outputs (a ModelOutput) as plain dicts of their non-None fields."""
+    over its arguments (and `head_mask=None`, which BigBird's and RoFormer's require), the
+    outputs (a ModelOutput) as plain dicts of their non-None fields."""
+    import inspect
 
     def plain(outputs):
         if hasattr(outputs, "items"):
             return {k: plain(v) for k, v in outputs.items() if v is not None}
         return outputs
 
-    return plain(module(**inputs, deterministic=not training))
+    extra = {}
+    if "head_mask" in inspect.signature(module.__call__).parameters:
+        extra["head_mask"] = None
+    return plain(module(**inputs, **extra, deterministic=not training))
 
 
 def keras_wrap(hf_model, arch):
