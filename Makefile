@@ -3,6 +3,7 @@
 #                seed's Flax CNN as a Keras layer on scikit-learn's digits
 #   make venv    create .venv and install the package with every extra (once)
 #   make test    ruff, mypy, the docs build, then pytest once per backend (the wheel is checked there)
+#   make test-zoo  the whole Hugging Face Flax zoo (tests/real_models/test_hf_zoo.py) per backend
 #   make docs    build the documentation site into site/ (mkdocs --strict, offline)
 #   make dist    build the wheel and sdist into dist/ and check them (twine check)
 #   make bench   benchmarks vs keras.layers.FlaxLayer and Flax + Optax (exits 1 if a goal is missed)
@@ -21,16 +22,18 @@ EXTRAS := dev,tensorflow,torch,docs,hf,demo,onnx,litert,openvino
 # Keras backends the tests run under, each in its own pytest process.
 BACKENDS ?= jax tensorflow torch
 # Two workers (the CI machine has 2 cores; compiling dominates), each test file on one worker so
-# that a file's shared fixtures are built once.
-PYTEST_ARGS ?= -q -p no:cacheprovider -n 2 --dist loadfile
+# that a file's shared fixtures are built once. The slowest architectures of the Hugging Face zoo
+# (marker zoo_full) run in `make test-zoo` only.
+PYTEST_ARGS ?= -q -p no:cacheprovider -n 2 --dist loadfile -m "not zoo_full"
+ZOO_PYTEST_ARGS ?= -q -p no:cacheprovider
 LINT_PATHS := src tests examples benchmarks docs
 
-.PHONY: all venv test pytest lint format docs dist demo bench clean help
+.PHONY: all venv test test-zoo pytest lint format docs dist demo bench clean help
 
 all: test
 
 help:
-	@sed -n '2,10p' Makefile
+	@sed -n '2,11p' Makefile
 
 venv: $(STAMP)
 
@@ -73,6 +76,16 @@ pytest: venv
 	done; \
 	if [ -n "$$failed" ]; then echo "*** pytest failed for backend(s):$$failed"; exit 1; fi
 
+# Every architecture of the Hugging Face Flax zoo, zoo_full included, once per backend.
+test-zoo: venv
+	@failed=""; \
+	for backend in $(BACKENDS); do \
+		echo "=== the Hugging Face zoo, KERAS_BACKEND=$$backend ==="; \
+		KERAS_BACKEND=$$backend $(BIN)/python -m pytest tests/real_models/test_hf_zoo.py \
+			$(ZOO_PYTEST_ARGS) || failed="$$failed $$backend"; \
+	done; \
+	if [ -n "$$failed" ]; then echo "*** the zoo failed for backend(s):$$failed"; exit 1; fi
+
 # The site is built with --strict: any warning (a broken link, a docstring the API reference
 # cannot render) fails. NO_MKDOCS_2_WARNING silences mkdocs-material's notice about MkDocs 2.
 docs: venv
@@ -93,13 +106,16 @@ demo: $(DEMO_STAMP)
 
 # ours vs keras.layers.FlaxLayer vs hand-written Flax + Optax (fit, eager calls, build, backends);
 # writes benchmarks/results.md and results.png, results_finetune.md (full fine-tuning vs
-# LoRA) and results_backend_profile.md (where a TensorFlow or PyTorch step's time goes); fails
+# LoRA), results_backend_profile.md (where a TensorFlow or PyTorch step's time goes) and
+# results_hf_zoo.md (the Hugging Face zoo's five checks, ours vs keras.layers.FlaxLayer); fails
 # if a performance target is missed.
-# BENCH_ARGS=--quick for a smoke test.
+# BENCH_ARGS=--quick for a smoke test (the zoo: two architectures, nothing written).
 bench: venv
 	status=0; $(BIN)/python benchmarks/run.py $(BENCH_ARGS) || status=1; \
 	$(BIN)/python benchmarks/finetune.py $(filter --quick,$(BENCH_ARGS)) || status=1; \
 	$(BIN)/python benchmarks/backend_profile.py $(filter --quick,$(BENCH_ARGS)) || status=1; \
+	$(BIN)/python benchmarks/hf_zoo.py $(if $(filter --quick,$(BENCH_ARGS)),--only bert gpt2) \
+		|| status=1; \
 	exit $$status
 
 clean:
