@@ -17,8 +17,8 @@ T5, mT5 and LongT5 need `hf_zoo.t5_clip_workaround` (their code calls a `jnp.cli
 JAX removed); a test checks that without it they still fail in pure Flax with JAX's TypeError,
 so the suite notices when transformers or JAX change.
 
-BigBird and RoFormer cannot pass checks 2-5 without a wrapper function (their `head_mask`
-argument has no default; see hf_zoo.HEAD_MASK): those are strict xfails. `make test` runs a
+BigBird's and RoFormer's modules take a required `head_mask` that may be None: their dict of
+inputs holds it as None (`Arch.none_inputs`). `make test` runs a
 third of the zoo (DEFAULT, every kind of model); the others carry the `zoo_full` marker, and
 `make test-zoo` runs the whole zoo on the three backends.
 """
@@ -47,17 +47,10 @@ DEFAULT = {
 }  # fmt: skip
 
 
-def names(check: int):
-    """The architectures as parameters of check `check` (1-5): marked `zoo_full` outside
-    DEFAULT, and expected to fail (strictly: a pass fails the test, so the suite notices) for
-    checks 2-5 where the catalogue knows why they cannot pass."""
-    params = []
-    for name, arch in zoo.ZOO.items():
-        marks = [] if name in DEFAULT else [pytest.mark.zoo_full]
-        if arch.known_failure and check > 1:
-            marks.append(pytest.mark.xfail(strict=True, reason=arch.known_failure))
-        params.append(pytest.param(name, marks=marks))
-    return params
+# Every architecture, marked `zoo_full` outside DEFAULT.
+NAMES = [
+    pytest.param(name, marks=[] if name in DEFAULT else [pytest.mark.zoo_full]) for name in zoo.ZOO
+]
 
 
 def wrap(hf_model, arch):
@@ -106,25 +99,25 @@ def hf():
     return Zoo()
 
 
-@pytest.mark.parametrize("name", names(1))
+@pytest.mark.parametrize("name", NAMES)
 def test_layer_constructs_from_the_module_and_model_params(hf, name):
     run = hf.get(name, "construct")
     assert run.layer.module is run.hf_model.module
 
 
-@pytest.mark.parametrize("name", names(2))
+@pytest.mark.parametrize("name", NAMES)
 def test_predict_with_dict_inputs_equals_the_transformers_model(hf, name):
     assert hf.get(name, "predict") <= ATOL
 
 
-@pytest.mark.parametrize("name", names(3))
+@pytest.mark.parametrize("name", NAMES)
 def test_fit_on_one_output_trains(hf, name):
     run = hf.get(name, "fit")
     assert len(run.history) == 1 and np.all(np.isfinite(run.history)), run.history
     assert run.changed, f"fit moved no weight: {run.unchanged}"
 
 
-@pytest.mark.parametrize("name", names(4))
+@pytest.mark.parametrize("name", NAMES)
 def test_pure_flax_apply_on_flax_variables_gives_the_trained_predictions(hf, name):
     assert hf.get(name, "pure_flax") <= ATOL
 
@@ -148,7 +141,7 @@ def fresh_loads(hf, tmp_path_factory, request):
     folder = tmp_path_factory.mktemp("hf_zoo")
     files, outcome = {}, {}
     for name in zoo.ZOO:
-        if name not in _selected_names(request.session) or zoo.ZOO[name].known_failure:
+        if name not in _selected_names(request.session):
             continue
         try:
             hf.get(name, "pure_flax")
@@ -162,10 +155,8 @@ def fresh_loads(hf, tmp_path_factory, request):
     return outcome
 
 
-@pytest.mark.parametrize("name", names(5))
+@pytest.mark.parametrize("name", NAMES)
 def test_keras_file_loads_in_fresh_process(fresh_loads, name):
-    if zoo.ZOO[name].known_failure:  # not saved: its checks 2-4 fail
-        raise AssertionError(zoo.ZOO[name].known_failure)
     result = fresh_loads[name]
     if isinstance(result, BaseException):
         raise result
@@ -173,7 +164,7 @@ def test_keras_file_loads_in_fresh_process(fresh_loads, name):
     assert result["max_abs_diff"] <= ATOL, result
 
 
-T5_FAMILY = [p for p in names(1) if zoo.ZOO[p.values[0]].needs_clip_workaround]
+T5_FAMILY = [p for p in NAMES if zoo.ZOO[p.values[0]].needs_clip_workaround]
 
 
 @pytest.mark.parametrize("name", T5_FAMILY)

@@ -128,8 +128,9 @@ class Arch:
     # (Wav2Vec2ForCTC's `return_dict=None` default is falsy; the model's own call passes the
     # config's True): Keras gets the output array alone.
     returns_tuple: bool = False
-    # Why checks 2-5 cannot pass as written (the tests expect them to fail), or None.
-    known_failure: str | None = None
+    # Arguments without a default that the module takes as None (BigBird's and RoFormer's
+    # `head_mask`): given as None in the dict of inputs.
+    none_inputs: tuple[str, ...] = ()
 
     def sample(self, seed: int, n: int = BATCH) -> dict[str, np.ndarray]:
         rng = np.random.default_rng(seed)
@@ -282,10 +283,6 @@ def _arch(name, build, inputs, output="logits", loss="sparse_ce", **kwargs):
     return name, Arch(name, build, inputs, output, loss, **kwargs)
 
 
-HEAD_MASK = (
-    "its module's `head_mask` argument has no default and takes None (no head mask), which no "
-    "Keras input can give: FlaxLayer asks for a wrapper function"
-)
 ENCODER = dict(output="last_hidden_state", loss="mse")
 IMAGE_CLASSIFIER = dict(_vit(), num_labels=CLASSES)
 
@@ -313,7 +310,7 @@ ZOO: dict[str, Arch] = dict(
             _model("FlaxBigBirdModel", "BigBirdConfig", **_text(attention_type="original_full")),
             BERT_LIKE,
             **ENCODER,
-            known_failure=HEAD_MASK,
+            none_inputs=("head_mask",),
         ),
         _arch(
             "blenderbot",
@@ -530,7 +527,7 @@ ZOO: dict[str, Arch] = dict(
             _model("FlaxRoFormerModel", "RoFormerConfig", **_text()),
             {**TEXT, "token_type_ids": TYPES},
             **ENCODER,
-            known_failure=HEAD_MASK,
+            none_inputs=("head_mask",),
         ),
         _arch(
             "speech_encoder_decoder",
@@ -701,13 +698,21 @@ class Run:
     history: list | None = None
     changed: list | None = None  # trainable weights fit moved
     unchanged: list | None = None
+    # Whether the layer's dict holds the arch's `none_inputs` (flaxlayer's; a wrapper
+    # function supplies them for keras.layers.FlaxLayer).
+    nones_in_dict: bool = True
+
+    def layer_inputs(self, inputs: dict) -> dict:
+        if not self.nones_in_dict:
+            return inputs
+        return {**inputs, **dict.fromkeys(self.arch.none_inputs)}
 
 
-def construct(arch: Arch, wrap: Callable) -> Run:
+def construct(arch: Arch, wrap: Callable, nones_in_dict: bool = True) -> Run:
     """Check 1: `wrap(hf_model, arch)` returns the Keras layer (e.g. FlaxLayer(model.module,
     variables=model.params))."""
     hf_model = arch.build()
-    return Run(arch, hf_model, wrap(hf_model, arch))
+    return Run(arch, hf_model, wrap(hf_model, arch), nones_in_dict=nones_in_dict)
 
 
 def check_predict(run: Run) -> float:
@@ -716,7 +721,7 @@ def check_predict(run: Run) -> float:
     import keras
 
     inputs = keras_inputs(run.arch)
-    run.model = keras.Model(inputs, run.layer(inputs))
+    run.model = keras.Model(inputs, run.layer(run.layer_inputs(inputs)))
     run.x = run.arch.sample(PREDICT_SEED)
     run.reference = to_plain(
         run.hf_model(**run.arch.model_inputs(run.x), params=run.hf_model.params)
@@ -738,7 +743,7 @@ def check_fit(run: Run) -> None:
 
     arch = run.arch
     inputs = keras_inputs(arch)
-    outputs = run.layer(inputs)
+    outputs = run.layer(run.layer_inputs(inputs))
     trained = keras.Model(inputs, outputs[0] if arch.returns_tuple else outputs[arch.output])
     loss = (
         keras.losses.SparseCategoricalCrossentropy(from_logits=True)
@@ -764,12 +769,8 @@ def check_fit(run: Run) -> None:
 def check_pure_flax(run: Run, flax_variables: dict) -> float:
     """Check 4: `model.module.apply(flax_variables, **x)` (the trained values back in pure
     Flax) equals the trained predictions; returns the largest difference."""
-    import inspect
-
-    module, extra = run.hf_model.module, {}
-    if "head_mask" in inspect.signature(type(module).__call__).parameters:
-        extra["head_mask"] = None  # required by BigBird's and RoFormer's modules
-    out = module.apply(flax_variables, **run.x, **extra)
+    module = run.hf_model.module
+    out = module.apply(flax_variables, **run.x, **dict.fromkeys(run.arch.none_inputs))
     return max_abs_diff(run.pred, out[0] if run.arch.returns_tuple else out)
 
 
