@@ -34,7 +34,7 @@ pytest.importorskip("transformers")
 
 import hf_zoo as zoo  # after the skip: it imports transformers
 from flaxlayer import FlaxLayer
-from helpers import run_python_json
+from helpers import run_python_json, selected_names
 
 ATOL = 1e-5
 
@@ -124,11 +124,7 @@ def test_pure_flax_apply_on_flax_variables_gives_the_trained_predictions(hf, nam
 
 def _selected_names(session):
     """The architectures whose fresh-process test this run selected."""
-    return {
-        item.callspec.params["name"]
-        for item in session.items
-        if getattr(item, "originalname", None) == "test_keras_file_loads_in_fresh_process"
-    }
+    return selected_names(session, "test_keras_file_loads_in_fresh_process")
 
 
 @pytest.fixture(scope="module")

@@ -34,7 +34,7 @@ from flax import nnx
 
 import corpus_models as cm
 from flaxlayer import FlaxLayer
-from helpers import run_python_json, save_load, to_numpy
+from helpers import run_python_json, save_load, selected_names, to_numpy
 
 BATCH = 8
 N = 16  # two steps per epoch
@@ -364,11 +364,7 @@ report(results)
 
 def _selected_names(session):
     """The models whose fresh-process test this pytest run selected (all of them by default)."""
-    return {
-        item.callspec.params["name"]
-        for item in session.items
-        if getattr(item, "originalname", None) == "test_keras_file_loads_in_fresh_process"
-    }
+    return selected_names(session, "test_keras_file_loads_in_fresh_process")
 
 
 @pytest.fixture(scope="module")

@@ -179,3 +179,12 @@ def flax_inference(layer, inputs, method=None):
     else:
         out, _ = module.apply(layer.flax_variables, inputs, method=method, mutable=True, **kwargs)
     return jax.tree.map(np.asarray, out)
+
+
+def selected_names(session, test_name: str) -> set:
+    """The `name` parameters of the `test_name` tests this pytest run selected."""
+    return {
+        item.callspec.params["name"]
+        for item in session.items
+        if getattr(item, "originalname", None) == test_name
+    }
