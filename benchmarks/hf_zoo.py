@@ -42,6 +42,8 @@ CHECKS = ("construct", "predict", "fit", "pure_flax", "load")
 ATOL = 1e-5
 LIBRARIES = {"flaxlayer": ("jax", "tensorflow", "torch"), "keras": ("jax",)}
 MARKER = "@@RESULT@@"
+SNIPPET = "results"  # the section docs/huggingface.md includes
+RAW = HERE / "results_hf_zoo.json"  # the verdicts the report is written from
 
 
 # ------------------------------------------------------------------------------------ keras's
@@ -195,6 +197,9 @@ def markdown(runs: dict, names: list[str]) -> str:
         "keras.layers.FlaxLayer (JAX only) gets its documented wrapper function and "
         '`{"params": model.params}`. A cell lists the checks passed (`12345` = all).',
         "",
+        f"<!-- --8<-- [start:{SNIPPET}] -->",
+        _summary(runs, names, columns),
+        "",
         f"| architecture | {head} |",
         "|---|" + "---|" * len(columns),
     ]
@@ -220,7 +225,18 @@ def markdown(runs: dict, names: list[str]) -> str:
             for check, verdict in runs[column]["results"].get(name, {}).items():
                 if verdict.startswith("fail"):
                     lines.append(f"- {column[0]} ({column[1]}), {name}, {check}: {verdict[6:]}")
+    lines.append(f"<!-- --8<-- [end:{SNIPPET}] -->")
     return "\n".join(lines) + "\n"
+
+
+def _summary(runs: dict, names: list[str], columns: list) -> str:
+    """One sentence: per library and backend, the architectures passing all five checks."""
+    parts = []
+    for library, backend in columns:
+        results = runs[(library, backend)]["results"]
+        whole = sum(all(results.get(n, {}).get(c) == "pass" for c in CHECKS) for n in names)
+        parts.append(f"{library} on {backend}: {whole} of {len(names)}")
+    return "Architectures passing all five checks: " + "; ".join(parts) + "."
 
 
 def _version(package: str) -> str:
@@ -264,6 +280,8 @@ def main(argv=None) -> int:
     text = markdown(runs, names)
     print(text)
     if not args.no_write and not args.only:
+        raw = [{"library": lib, "backend": backend, **run} for (lib, backend), run in runs.items()]
+        RAW.write_text(json.dumps({"names": names, "runs": raw}, indent=1), encoding="utf-8")
         (HERE / "results_hf_zoo.md").write_text(text, encoding="utf-8")
     return 0
 

@@ -156,3 +156,20 @@ def test_backend_profile_report_gives_each_part_and_the_floor():
     lines = text.splitlines()
     start = lines.index("<!-- --8<-- [start:results] -->")
     assert lines.index("<!-- --8<-- [end:results] -->") > start
+
+
+def test_hf_zoo_report_counts_checks_per_library_and_backend():
+    zoo = load_script("hf_zoo")
+    every = dict.fromkeys(zoo.CHECKS, "pass")
+    ours = {"results": {"bert": every, "vit": every}, "seconds": {"bert": 3.0, "vit": 2.0}}
+    theirs = {
+        "results": {"bert": {**every, "load": "fail: TypeError: Cannot serialize"}, "vit": every},
+        "seconds": {"bert": 4.0, "vit": 1.0},
+    }
+    text = zoo.markdown({("flaxlayer", "jax"): ours, ("keras", "jax"): theirs}, ["bert", "vit"])
+    assert "flaxlayer on jax: 2 of 2; keras on jax: 1 of 2." in text
+    assert "| bert | 12345 | 1234 |" in text
+    assert "| **checks passed** | 10/10 | 9/10 |" in text
+    assert "- keras (jax), bert, load: TypeError: Cannot serialize" in text
+    start, end = text.index("[start:results]"), text.index("[end:results]")
+    assert start < text.index("| **checks passed**") < end
