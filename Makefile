@@ -22,8 +22,8 @@ EXTRAS := dev,tensorflow,torch,docs,hf,demo,onnx,litert,openvino
 # Keras backends the tests run under, each in its own pytest process.
 BACKENDS ?= jax tensorflow torch
 # Two workers (the CI machine has 2 cores; compiling dominates), each test file on one worker so
-# that a file's shared fixtures are built once. The slowest architectures of the Hugging Face zoo
-# (marker zoo_full) run in `make test-zoo` only.
+# that a file's shared fixtures are built once. Of the Hugging Face zoo, one architecture of each
+# kind runs here; the others (marker zoo_full) run in `make test-zoo` only.
 PYTEST_ARGS ?= -q -p no:cacheprovider -n 2 --dist loadfile -m "not zoo_full"
 ZOO_PYTEST_ARGS ?= -q -p no:cacheprovider
 LINT_PATHS := src tests examples benchmarks docs
