@@ -18,6 +18,8 @@ os.environ.setdefault(
 )
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "support"))
+# The golden files' models: other tests load (and tamper with) those files too.
+sys.path.insert(1, os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden"))
 
 import keras
 import numpy as np

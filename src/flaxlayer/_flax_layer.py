@@ -4,7 +4,7 @@ from typing import Any
 
 import keras
 
-from flaxlayer import _compat, _layer_config
+from flaxlayer import _compat, _file_format, _layer_config
 from flaxlayer._adapter import ModuleAdapter
 from flaxlayer._jax_layer import JaxLayer
 from flaxlayer._linen import LinenAdapter
@@ -61,6 +61,8 @@ class FlaxLayer(JaxLayer):
     'flax_layer/params/kernel'
     >>> out = nn.Dense(3).apply(layer.flax_variables, jnp.ones((2, 4)))  # back to pure Flax
     """
+
+    _FILE_ENTRIES = ("FlaxLayer", _file_format.FLAX_LAYER)
 
     def __init__(
         self,
@@ -154,6 +156,8 @@ def _method_from_config(data: Any, module: Any, decoder: Decoder) -> Any:
         raise decoder.fail(path, f"{data!r} is not a method entry.")
     kind = data["kind"]
     if kind == "call":
+        if not (set(data) <= {"kind", "name"} and data.get("name", "__call__") == "__call__"):
+            raise decoder.fail(path, 'a call method entry is {"kind": "call", "name": "__call__"}.')
         return None
     if kind == "function":
         if set(data) != {"kind", "function"}:

@@ -13,7 +13,7 @@ from typing import Any
 import jax
 import keras
 
-from flaxlayer import _build, _compat, _layer_config, _loading
+from flaxlayer import _build, _compat, _file_format, _layer_config, _loading
 from flaxlayer._adapter import Adapter
 from flaxlayer._bridges import check_backend, eager_input
 from flaxlayer._fast_path import EagerPath
@@ -22,7 +22,7 @@ from flaxlayer._finetune_methods import FineTuningMethods
 from flaxlayer._functions import FunctionAdapter
 from flaxlayer._lifecycle import Lifecycle, Phase
 from flaxlayer._program import Program, program_for
-from flaxlayer._specs import spec_from_config, spec_from_shapes, spec_of, spec_to_config, structs
+from flaxlayer._specs import check_recorded, spec_from_shapes, spec_of, structs
 from flaxlayer._store import LayerVariables, VariableFactory
 from flaxlayer._types import PyTree
 from flaxlayer._views import ViewMethods
@@ -68,6 +68,8 @@ class JaxLayer(FineTuningMethods, ViewMethods, keras.layers.Layer):
     >>> [w.path for w in layer.weights]
     ['jax_layer/params/b', 'jax_layer/params/w']
     """
+
+    _FILE_ENTRIES = ("JaxLayer", _file_format.JAX_LAYER)
 
     def __init__(
         self,
@@ -222,7 +224,10 @@ class JaxLayer(FineTuningMethods, ViewMethods, keras.layers.Layer):
             f"cannot be applied to inputs {jax.tree.map(lambda t: tuple(t.shape), inputs)}"
         ):
             assert self._program is not None
-            return self._program.output_spec(spec_of(inputs, self.compute_dtype), bool(training))
+            spec = spec_of(inputs, self.compute_dtype)
+            if self._lifecycle.from_file:
+                check_recorded(self._blueprint.inputs_spec, spec, self._owner_name())
+            return self._program.output_spec(spec, bool(training))
 
     def _file_errors(self, what: str, *phases: Phase) -> Any:
         """While the layer comes from a file (in `phases`, default: until it has values), an
@@ -240,7 +245,7 @@ class JaxLayer(FineTuningMethods, ViewMethods, keras.layers.Layer):
         if finetune is not None:
             config["finetune"] = finetune
         config.update(self._model_config())
-        return config
+        return {**config, "format": _file_format.format_entry()}
 
     def _model_config(self) -> dict:
         """The entries of what the layer wraps (FlaxLayer: the module and method); without an
@@ -253,8 +258,8 @@ class JaxLayer(FineTuningMethods, ViewMethods, keras.layers.Layer):
 
     @classmethod
     def from_config(cls, config: dict) -> "JaxLayer":
+        config = _file_format.checked(config, cls, *cls._FILE_ENTRIES)
         owner = _layer_config.owner_of(cls, config)
-        config = dict(config)
         finetune = config.pop("finetune", None)
         layer = _layer_config.rebuild(cls, cls._model_from_config(config, owner), owner)
         layer._lifecycle.move_to(Phase.CONFIGURED)
@@ -267,19 +272,14 @@ class JaxLayer(FineTuningMethods, ViewMethods, keras.layers.Layer):
         return _layer_config.functions_from_config(config, owner)
 
     def get_build_config(self) -> dict | None:
-        spec = self._blueprint.inputs_spec
-        if spec is None:
-            return None
-        return {"input_spec": spec_to_config(spec, self._owner_name(), "input")}
+        return _layer_config.build_config(self._blueprint.inputs_spec, self._owner_name())
 
     def build_from_config(self, config: dict) -> None:
-        if config and "input_spec" in config:
-            where = ("build_config", "input_spec")
-            spec = spec_from_config(config["input_spec"], self._owner_name(), where)
-            self._blueprint = self._blueprint.but(inputs_spec=spec)
-            self.build(None)
-        else:
-            super().build_from_config(config)
+        spec = _layer_config.recorded_inputs(config, self._owner_name(), self._lifecycle.from_file)
+        if spec is None:
+            return super().build_from_config(config)
+        self._blueprint = self._blueprint.but(inputs_spec=spec)
+        self.build(None)
 
     # ------------------------------------------------------------------------------- weights
 
@@ -311,7 +311,8 @@ class JaxLayer(FineTuningMethods, ViewMethods, keras.layers.Layer):
     def _first_value(self, index: int) -> Callable:
         """The initializer of deferred variable `index` (see `_loading.deferred_initializer`)."""
         assert self._store is not None
-        return _loading.deferred_initializer(self._lifecycle, self._store, index, self._materialize)
+        at = (self._owner_name(), self._lifecycle, self._store)
+        return _loading.deferred_initializer(*at, index, self._materialize)
 
     def _materialize(self) -> None:
         """Gives a layer from a file, used before any weights came, its initial values."""

@@ -94,8 +94,44 @@ def functions_from_config(config: dict, owner: str) -> dict:
     config = dict(config)
     for name in ("call_fn", "init_fn"):
         if config.get(name) is not None:
-            config[name] = keras.saving.deserialize_keras_object(config[name])
+            config[name] = _function_from_config(config[name], owner, name)
     return _abstract_entries(config, owner, ("params", "state"))
+
+
+#: The keys of Keras's entry for a function: its name in `config`, resolved by Keras.
+_FUNCTION_KEYS = {"module": (str, type(None)), "class_name": (str,), "config": (str,)}
+_FUNCTION_KEYS |= {"registered_name": (str, type(None))}
+
+
+def _function_from_config(entry: Any, owner: str, name: str) -> Any:
+    """A function Keras wrote with `serialize_keras_object`: the entry checked, then resolved
+    by Keras (its safe mode and registry); any refusal a SerializationError."""
+    where = f"{owner}: cannot load config entry {name}"
+    well_formed = (
+        isinstance(entry, dict)
+        and set(entry) == set(_FUNCTION_KEYS)
+        and all(isinstance(entry[k], types) for k, types in _FUNCTION_KEYS.items())
+        and entry["class_name"] == "function"
+        and len(entry["config"]) <= 1000
+    )
+    if not well_formed:
+        raise SerializationError(
+            f"{where}: {str(entry)[:200]} is not Keras's entry of a function (the keys "
+            "module, class_name, config and registered_name, each a string; class_name "
+            "'function')."
+        )
+    try:
+        function = keras.saving.deserialize_keras_object(entry)
+    except Exception as e:
+        raise SerializationError(
+            f"{where}: Keras cannot resolve {entry['config']!r}: {type(e).__name__}: "
+            f"{str(e)[:500]} Register the function with "
+            "@keras.saving.register_keras_serializable() in a module the loading script "
+            "imports."
+        ) from e
+    if not callable(function):
+        raise SerializationError(f"{where}: {entry['config']!r} is not a function.")
+    return function
 
 
 def _abstract_entries(config: dict, owner: str, names: tuple[str, ...]) -> dict:
@@ -148,12 +184,34 @@ def _shapes(tree: Any) -> Any:
     )
 
 
+def build_config(spec: Any, owner: str) -> dict | None:
+    """The build config of a layer built for inputs `spec` (None before it knows them)."""
+    return None if spec is None else {"input_spec": spec_to_config(spec, owner, "input")}
+
+
+def recorded_inputs(config: Any, owner: str, from_file: bool) -> Any:
+    """The input spec a build config `get_build_config` wrote records, read; None for another
+    (Keras's `input_shape` one). From a file, it is `{"input_spec": ...}` and nothing else."""
+    if from_file and not (isinstance(config, dict) and set(config) == {"input_spec"}):
+        raise SerializationError(
+            f"{owner}: cannot load build_config: {str(config)[:200]} is not the build config "
+            'flaxlayer writes ({"input_spec": the recorded inputs}).'
+        )
+    if not (isinstance(config, dict) and "input_spec" in config):
+        return None
+    return spec_from_config(config["input_spec"], owner, ("build_config", "input_spec"))
+
+
 def rebuild(cls: type, config: dict, owner: str) -> Any:
     """`cls(**config)`, a refusal of the file's arguments as a SerializationError."""
     try:
         return cls(**config)
-    except (TypeError, ValueError) as e:
-        raise SerializationError(f"{owner}: cannot rebuild the layer from the file: {e}") from e
+    except SerializationError:
+        raise
+    except Exception as e:  # the module's or Keras's own code refused the file's values
+        raise SerializationError(
+            f"{owner}: cannot rebuild the layer from the file: {type(e).__name__}: {e}"
+        ) from e
 
 
 def owner_of(cls: type, config: dict) -> str:

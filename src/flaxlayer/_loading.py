@@ -11,7 +11,7 @@ import numpy as np
 
 from flaxlayer import _compat, _finetune
 from flaxlayer._adapter import Adapter
-from flaxlayer._bridges import placeholder_for_loading
+from flaxlayer._bridges import fill_placeholder, placeholder_for_loading
 from flaxlayer._build import BuildInputs, initial_trees
 from flaxlayer._lifecycle import Lifecycle, Phase
 from flaxlayer._program import concrete
@@ -85,7 +85,7 @@ def fill(variables: Sequence[Any], values: Sequence[Any], *, cast: bool = True) 
             first = np.asarray(value, variable.dtype) if cast else value
             _compat.initialize_deferred(variable, first)
         else:
-            variable.assign(value)
+            fill_placeholder(variable, value)
 
 
 def placeholder_while_loading() -> Callable | None:
@@ -96,10 +96,20 @@ def placeholder_while_loading() -> Callable | None:
     return placeholder_for_loading()
 
 
-def fill_deferred(variables: Sequence[Any], placeholder: Callable) -> None:
+def fill_deferred(owner: str, variables: Sequence[Any], placeholder: Callable) -> None:
+    """Every deferred variable given a placeholder; one the backend cannot make (a size the
+    file gives that no memory could hold) is the file's error."""
     for variable in variables:
         if _compat.is_deferred(variable):
-            _compat.initialize_deferred(variable, placeholder(variable.shape, variable.dtype))
+            try:
+                value = placeholder(variable.shape, variable.dtype)
+            except Exception as e:
+                raise SerializationError(
+                    f"{owner}: the file configures {variable.path} at shape "
+                    f"{tuple(variable.shape)}, which cannot be held until the weights file "
+                    f"confirms it: {type(e).__name__}: {str(e)[:300]}"
+                ) from e
+            _compat.initialize_deferred(variable, value)
 
 
 def initial_values(adapter: Adapter, build: BuildInputs, store: LayerVariables) -> list:
@@ -112,7 +122,11 @@ def initial_values(adapter: Adapter, build: BuildInputs, store: LayerVariables) 
 
 
 def deferred_initializer(
-    lifecycle: Lifecycle, store: LayerVariables, index: int, materialize: Callable[[], None]
+    owner: str,
+    lifecycle: Lifecycle,
+    store: LayerVariables,
+    index: int,
+    materialize: Callable[[], None],
 ) -> Callable:
     """The initializer of deferred variable `index`: a value for Keras to read early. Inside
     Keras's loading on TensorFlow and PyTorch every deferred variable gets a placeholder;
@@ -125,7 +139,7 @@ def deferred_initializer(
             if placeholder is None:
                 materialize()
             else:
-                fill_deferred(variables, placeholder)
+                fill_deferred(owner, variables, placeholder)
                 lifecycle.move_to(Phase.PLACEHOLDERS)
         return variables[index].value
 

@@ -9,6 +9,7 @@ holding `MovedArray`s, which say so when used. `NNXCodec` writes a module's obje
 `.keras` file and reads it back.
 """
 
+import re
 from typing import Any
 
 import jax
@@ -25,6 +26,7 @@ from flaxlayer._compat import (
 )
 from flaxlayer._methods import resolve_method
 from flaxlayer._saving import MAX_DEPTH, TAG, KindCodec, declared_types, schema
+from flaxlayer._specs import MAX_DIMENSION
 
 _DEFAULT_IMPL = "threefry2x32"
 _KEY_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
@@ -210,22 +212,24 @@ class NNXCodec(KindCodec):
         decoder = self.coder
         cls = decoder.check_class(data, path, (nnx.Pytree,), "an NNX module or graph node class")
         decoder.instantiated(cls)
-        if not isinstance(data["id"], int) or data["id"] in self._nodes:
-            raise decoder.fail((*path, "id"), f"node id {data['id']!r} is not a new integer.")
+        if type(data["id"]) is not int or data["id"] != len(self._nodes):
+            raise decoder.fail(
+                (*path, "id"),
+                f"node id {str(data['id'])[:40]!r} is not {len(self._nodes)}: the ids count up "
+                "from 0 in the order the file defines its nodes (a tampered file).",
+            )
         self._nodes[data["id"]] = None
         attributes, flags = data["attributes"], data.get("data")
         if not isinstance(attributes, dict):
             raise decoder.fail((*path, "attributes"), "attributes must be a mapping.")
-        if flags is not None and not (
-            isinstance(flags, dict) and all(isinstance(v, bool) for v in flags.values())
-        ):
-            raise decoder.fail((*path, "data"), "data must map attribute names to true/false.")
+        _check_data_flags(decoder, flags, attributes, path)
         node_types = declared_types(cls, with_init=True)
         for name, value in attributes.items():
             if not (name.isidentifier() or name.isdigit()) or name.startswith("__"):
                 raise decoder.fail(
                     (*path, "attributes", name), "not a plain attribute name (tampered file)."
                 )
+            _check_size(decoder, name, value, node_types.get(name), (*path, "attributes", name))
             decoder.check_declared(
                 value, (*path, "attributes", name), depth + 1, node_types.get(name)
             )
@@ -237,9 +241,12 @@ class NNXCodec(KindCodec):
         if not (
             isinstance(shape, list)
             and len(shape) <= 32
-            and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+            and all(type(d) is int and 0 <= d < MAX_DIMENSION for d in shape)
         ):
-            raise decoder.fail((*path, "shape"), f"{shape!r} is not a shape (a list of sizes).")
+            raise decoder.fail(
+                (*path, "shape"),
+                f"{str(shape)[:200]} is not a shape (a list of sizes, each in [0, 2**31)).",
+            )
         self._shapes[issubclass(cls, nnx.RngState)].append((path, tuple(shape)))
         if ("dtype" in data) == ("key_impl" in data):
             raise decoder.fail(path, "a variable entry needs exactly one of dtype and key_impl.")
@@ -330,6 +337,36 @@ class NNXCodec(KindCodec):
         return self.coder.construct(
             path, lambda: cls.from_metadata(value, metadata), f"an NNX {cls.__name__}"
         )
+
+
+#: NNX's own flags in a node's `data` entry (not attributes of the module).
+_OWN_FLAG_PREFIX = "_pytree__"
+#: The attribute names that hold a size: declared `int`, they are never negative.
+_SIZE_NAME = re.compile(r"(features|size|dim|dims|width|heads|rank)$|^num_")
+
+
+def _check_data_flags(decoder: Any, flags: Any, attributes: dict, path: tuple) -> None:
+    """A node's `data` entry, when the file has one, flags exactly its attributes (and NNX's
+    own `_pytree__` entries) true or false."""
+    if flags is None:
+        return  # written by a Flax that records none
+    if not (isinstance(flags, dict) and all(isinstance(v, bool) for v in flags.values())):
+        raise decoder.fail((*path, "data"), "data must map attribute names to true/false.")
+    named = {k for k in flags if not k.startswith(_OWN_FLAG_PREFIX)}
+    if named != set(attributes):
+        differ = sorted(named ^ set(attributes))
+        raise decoder.fail(
+            (*path, "data"),
+            f"data flags the attributes {sorted(named)}, the node has {sorted(attributes)} "
+            f"({', '.join(differ)} differ): a tampered file.",
+        )
+
+
+def _check_size(decoder: Any, name: str, value: Any, declared: Any, path: tuple) -> None:
+    """An attribute its class declares `int` whose name says it is a size
+    (`out_features`, `num_heads`, `hidden_size`) is a non-negative integer."""
+    if declared is int and _SIZE_NAME.search(name) and not (type(value) is int and value >= 0):
+        raise decoder.fail(path, f"{str(value)[:60]} is not a size (an integer >= 0).")
 
 
 class NNXAdapter(ModuleAdapter):

@@ -12,6 +12,8 @@ from flaxlayer._trust import Refused, dtype_from_name
 from flaxlayer._variables import is_float_dtype
 
 MAX_SPEC_DEPTH = 100
+#: A recorded dimension is below this (the int32 index range every backend addresses).
+MAX_DIMENSION = 2**31
 
 
 # Unknown dimensions are probed at two sizes to tell which output dimensions follow them.
@@ -45,6 +47,28 @@ def spec_of(inputs: Any, float_dtype: str) -> Any:
         )
 
     return keras.tree.map_structure(leaf, inputs)
+
+
+def check_recorded(recorded: Any, given: Any, owner: str) -> None:
+    """The inputs a model gives a layer from a file fit the input spec its build config
+    records: the same structure, and per leaf the same dtype, rank and known dimensions."""
+    is_leaf = lambda x: isinstance(x, Leaf)  # noqa: E731
+    ours_def: Any
+    ours, ours_def = jax.tree.flatten(recorded, is_leaf=is_leaf)
+    theirs, theirs_def = jax.tree.flatten(given, is_leaf=is_leaf)
+    fits = ours_def == theirs_def and all(
+        str(a.dtype) == str(b.dtype)
+        and len(a.shape) == len(b.shape)
+        and all(x is None or y is None or x == y for x, y in zip(a.shape, b.shape, strict=True))
+        for a, b in zip(ours, theirs, strict=True)
+    )
+    if not fits:
+        shapes = lambda t: jax.tree.map(lambda x: (x.shape, x.dtype), t, is_leaf=is_leaf)  # noqa: E731
+        raise SerializationError(
+            f"{owner}: cannot load build_config.input_spec: it records inputs (shape, dtype) "
+            f"{str(shapes(recorded))[:200]}, but the model gives the layer "
+            f"{str(shapes(given))[:200]}. The file was tampered with or damaged."
+        )
 
 
 def is_shape(x: Any) -> bool:
@@ -138,7 +162,11 @@ class _SpecReader:
     def leaf(self, node: dict, where: tuple) -> Leaf:
         shape = node["shape"]
         if not (isinstance(shape, list) and len(shape) <= 32 and all(map(self.is_size, shape))):
-            raise self.fail((*where, "shape"), f"{shape!r} is not a shape.")
+            raise self.fail(
+                (*where, "shape"),
+                f"{str(shape)[:200]} is not a shape (a list of at most 32 dimensions, each "
+                f"{'' if self.abstract else 'null or '}an integer in [0, 2**31)).",
+            )
         try:
             dtype = dtype_from_name(node["dtype"])
         except Refused as e:
@@ -148,7 +176,7 @@ class _SpecReader:
     def is_size(self, d: Any) -> bool:
         """A recorded dimension: a size, or None (unknown) unless abstract."""
         return (d is None and not self.abstract) or (
-            isinstance(d, int) and not isinstance(d, bool) and d >= 0
+            isinstance(d, int) and not isinstance(d, bool) and 0 <= d < MAX_DIMENSION
         )
 
     def mapping(self, items: list, where: tuple) -> dict:

@@ -123,6 +123,8 @@ def lookup(module_name: str, qualname: str) -> Any:
     Runs no attribute hook, and never passes through a second module: "os.system" read from a
     module that imported `os` is refused.
     """
+    if not (isinstance(module_name, str) and isinstance(qualname, str)):
+        return None  # a name from a file that is no string names nothing
     module = sys.modules.get(module_name)
     if not isinstance(module, types.ModuleType) or not qualname:
         return None

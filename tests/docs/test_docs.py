@@ -3,7 +3,8 @@
 - Every ```python block of a page (`docs/*.md` and `README.md`) runs, in page order, in one
   fresh Python process per page, in a temporary working directory (pages that save files leave
   nothing in the repository). Tracebacks point at the Markdown file and line. The process gets
-  the environment of a user's shell: no `XLA_FLAGS` from this suite's conftest.
+  the environment of a user's shell, but for XLA's faster unoptimized compiles (the suite's
+  `--xla_backend_optimization_level=0`; not its 8 CPU devices).
 - Directives, as HTML comments (invisible on the site and on GitHub):
   `<!-- docs-test: backend=torch -->` anywhere in a page runs that page with
   `KERAS_BACKEND=torch`, in the torch pytest session only; `<!-- docs-test: new-process -->`
@@ -157,7 +158,9 @@ def segments(blocks: list[Block]) -> list[list[Block]]:
 def child_env(backend: str) -> dict:
     env = dict(os.environ)
     env["KERAS_BACKEND"] = backend
-    env.pop("XLA_FLAGS", None)  # a page that needs several CPU devices sets this itself
+    # The suite's faster compiles only (no CPU devices): a page that needs several CPU
+    # devices sets XLA_FLAGS itself, as a user's script does.
+    env["XLA_FLAGS"] = "--xla_backend_optimization_level=0"
     env["TF_CPP_MIN_LOG_LEVEL"] = "2"
     env["PYTHONUNBUFFERED"] = "1"
     return env

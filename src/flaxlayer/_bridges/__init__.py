@@ -164,6 +164,16 @@ def placeholder_for_loading() -> Callable | None:
     return None
 
 
+def fill_placeholder(variable: Any, value: Any) -> None:
+    """Gives a variable that may hold a `placeholder_for_loading` value its loaded value."""
+    if keras.backend.backend() == "torch":
+        from flaxlayer._bridges.torch import fill_placeholder as fill_torch
+
+        fill_torch(variable, value)
+    else:
+        variable.assign(value)
+
+
 def supports_distribution() -> bool:
     """`keras.distribution` lays variables out on JAX devices: the JAX backend only."""
     return keras.backend.backend() == "jax"

@@ -538,8 +538,19 @@ def _torch_attribute(name: str, value) -> tuple[str, object]:
 
 
 def untouched_empty(shape, dtype) -> torch.Tensor:
-    """An uninitialized tensor: its pages are not resident until something writes them."""
-    return torch.empty(tuple(shape), dtype=_torch_dtype(keras_dtype_name(dtype)))
+    """A placeholder that holds no memory whatever its shape: one zero seen at every index
+    (stride 0). `fill_placeholder` gives the variable its own memory once the weights come."""
+    return torch.zeros((), dtype=_torch_dtype(keras_dtype_name(dtype))).expand(tuple(shape))
+
+
+def fill_placeholder(variable, value) -> None:
+    """The value of a variable that holds `untouched_empty`: its parameter's data replaced
+    (the parameter object stays the one Keras's torch module tracks); others assigned."""
+    param = variable.value
+    if param.numel() > 1 and not any(param.stride()):
+        param.data = torch.as_tensor(np.array(value), dtype=param.dtype).to(param.device)
+    else:
+        variable.assign(value)
 
 
 def keras_dtype_name(dtype) -> str:

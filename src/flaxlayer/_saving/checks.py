@@ -79,8 +79,12 @@ def check_function(decoder: "Decoder", data: dict, path: tuple, depth: int, decl
 def check_factory(decoder: "Decoder", data: dict, path: tuple, depth: int, declared: Any) -> None:
     """An initializer factory call: a reference to the factory and a mapping of arguments."""
     ref = data["factory"]
-    if not (isinstance(ref, dict) and set(ref) == {"module", "qualname"}):
-        raise decoder.fail((*path, "factory"), f"{ref!r} is not a factory reference.")
+    if not (
+        isinstance(ref, dict)
+        and set(ref) == {"module", "qualname"}
+        and all(isinstance(v, str) for v in ref.values())
+    ):
+        raise decoder.fail((*path, "factory"), f"{str(ref)[:200]} is not a factory reference.")
     kwargs = data.get("kwargs", {})
     if not isinstance(kwargs, dict):
         raise decoder.fail((*path, "kwargs"), "kwargs must be a mapping.")

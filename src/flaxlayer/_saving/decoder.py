@@ -96,10 +96,10 @@ class Decoder:
         """Checks `data` and everything in it without building anything."""
         if depth > MAX_DEPTH:
             raise self.fail(path, f"it is nested deeper than {MAX_DEPTH} levels.")
-        kind = data.get(TAG) if isinstance(data, dict) else None
-        if kind is None:
+        if not (isinstance(data, dict) and TAG in data):
             self._check_json(data, path, depth, declared)
             return
+        kind = data[TAG]
         self._check_keys(kind, data, path)
         self._checks[kind](data, path, depth, declared)
 
@@ -116,9 +116,10 @@ class Decoder:
 
     def _check_keys(self, kind: Any, data: dict, path: tuple) -> None:
         """The entry's kind is one flaxlayer writes, and its keys are that kind's."""
-        if kind not in self._schema:
+        if not isinstance(kind, str) or kind not in self._schema:
             raise self.fail(
-                path, f"{kind!r} is not a kind of entry flaxlayer writes (a damaged file)."
+                path,
+                f"{str(kind)[:100]!r} is not a kind of entry flaxlayer writes (a damaged file).",
             )
         required, optional = self._schema[kind]
         keys = set(data) - {TAG}
