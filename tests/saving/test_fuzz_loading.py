@@ -113,3 +113,5 @@ def test_the_saving_page_states_the_promise_as_this_test_checks_it():
     assert FILES_PER_KIND["tensorflow"] == FILES_PER_KIND["torch"]
     assert f"limited to {fuzz_kit.ADDRESS_HEADROOM // 2**30} GiB above" in page
     assert "`compile=False`" in page
+    readme = " ".join((fuzz_kit.GOLDEN.parents[1] / "README.md").read_text().split())
+    assert f"fuzz test of {kinds * sum(FILES_PER_KIND.values()):,} mutated files" in readme
